@@ -1,0 +1,3 @@
+from statefuld.cli import main
+
+main()

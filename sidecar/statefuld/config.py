@@ -1,0 +1,102 @@
+"""The daemon's configuration: one frozen dataclass.
+
+Every field that is an option carries its click settings in ``metadata``; cli.py turns
+the fields into ``statefuld serve`` options (``--field-name``, env ``STATEFULD_FIELD_NAME``),
+so the parameter list is written once, here. tests/test_config.py checks the two agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from statefuld_client import default_socket_path
+
+ENV_PREFIX = "STATEFULD_"
+# The Redis password is read from the environment (or a file), never from argv.
+PASSWORD_ENV = "STATEFULD_REDIS_PASSWORD"
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+REDIS_MODES = ("auto", "standalone", "cluster", "sentinel")
+
+
+def _option(default: Any, help: str, **click_kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, "click": click_kwargs})
+
+
+def _default_data_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/statefuld"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "statefuld")
+
+
+@dataclass(frozen=True)
+class Config:
+    socket_path: str = field(
+        default_factory=default_socket_path,
+        metadata={"help": "Unix socket to serve on (default: see docs/OPERATIONS.md).", "click": {}},
+    )
+    socket_mode: int = _option(0o660, "File mode of the socket, octal.", type="octal")
+    socket_group: str | None = _option(None, "Group that owns the socket (name or gid).")
+    redis_url: str | None = _option(
+        None,
+        "redis://, rediss://, unix:// or redis+sentinel:// URL. Unset: start an embedded private Redis.",
+    )
+    redis_mode: str = _option("auto", "How to treat the Redis URL.", type=REDIS_MODES)
+    redis_username: str | None = _option(None, "ACL user name for Redis.")
+    redis_password_file: str | None = _option(
+        None, f"File holding the Redis password (or set {PASSWORD_ENV}; never pass it in argv)."
+    )
+    redis_tls_ca_file: str | None = _option(None, "CA bundle to verify the Redis server (rediss://).")
+    redis_tls_cert_file: str | None = _option(None, "Client certificate for Redis TLS.")
+    redis_tls_key_file: str | None = _option(None, "Client private key for Redis TLS.")
+    key_prefix: str = _option("sf", "Prefix of every Redis key (shared with the Go/Java executors).")
+    data_dir: str = field(
+        default_factory=_default_data_dir,
+        metadata={"help": "Data directory of the embedded Redis (AOF).", "click": {}},
+    )
+    request_timeout_ms: int = _option(2000, "Deadline of one request, from arrival to reply.", min=1)
+    startup_timeout_s: float = _option(10.0, "How long start-up waits for Redis before giving up.", min=0.0)
+    max_message_bytes: int = _option(1024 * 1024, "Largest message accepted; larger closes the connection.", min=64)
+    max_list_items: int = _option(10_000, "Most items in one list parameter.", min=1)
+    max_in_flight: int = _option(4096, "Requests in progress daemon-wide before OVERLOADED.", min=1)
+    drain_timeout_s: float = _option(10.0, "On SIGTERM, how long requests in flight may finish.", min=0.0)
+    log_level: str = _option("info", "Log level.", type=LOG_LEVELS)
+    log_format: str = _option("text", "Log line format.", type=LOG_FORMATS)
+    allow_uid: tuple[int, ...] = _option((), "Only peers with this uid (repeatable; SO_PEERCRED).", multiple=True)
+    allow_gid: tuple[int, ...] = _option((), "Only peers with this gid (repeatable; SO_PEERCRED).", multiple=True)
+    metrics_addr: str | None = _option(None, "host:port for a Prometheus /metrics listener (off when unset).")
+    routable_state: tuple[str, ...] = _option(
+        ("Ready",), "Pod state that compute_linked_pod may route to (repeatable).", multiple=True
+    )
+    load_stale_ms: int = _option(10_000, "A pod load report older than this is not used for placement.", min=1)
+
+    # Secret: not an option, not in repr. Filled from PASSWORD_ENV or redis_password_file.
+    redis_password: str | None = field(default=None, repr=False, metadata={"secret": True})
+
+    def __post_init__(self) -> None:
+        if not self.socket_path:
+            raise ValueError("socket_path must not be empty")
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ValueError(f"socket_mode {oct(self.socket_mode)} is not a file mode")
+        if not self.key_prefix or any(c in self.key_prefix for c in "{}"):
+            raise ValueError("key_prefix must be non-empty and must not contain '{' or '}'")
+        if not self.routable_state:
+            raise ValueError("at least one routable_state is needed")
+
+    def with_secrets_from_environment(self) -> Config:
+        """Return a copy whose redis_password is read from the environment or the password file."""
+        password = os.environ.get(PASSWORD_ENV) or None
+        if password is None and self.redis_password_file:
+            with open(self.redis_password_file, encoding="utf-8") as f:
+                password = f.read().strip() or None
+        return dataclasses.replace(self, redis_password=password)
+
+
+def option_fields() -> list[dataclasses.Field[Any]]:
+    """The fields that are command-line options, in declaration order."""
+    return [f for f in dataclasses.fields(Config) if "click" in f.metadata]

