@@ -38,7 +38,12 @@ def _default_data_dir() -> str:
 class Config:
     socket_path: str = field(
         default_factory=default_socket_path,
-        metadata={"help": "Unix socket to serve on (default: see docs/OPERATIONS.md).", "click": {}},
+        metadata={
+            "help": "Unix socket to serve on (default: see docs/OPERATIONS.md).",
+            "click": {},
+            # The one variable that names the socket for the daemon and the client alike.
+            "envvar": "STATEFULD_SOCKET",
+        },
     )
     socket_mode: int = _option(0o660, "File mode of the socket, octal.", type="octal")
     socket_group: str | None = _option(None, "Group that owns the socket (name or gid).")

@@ -1,0 +1,166 @@
+"""`statefuld`: serve, and the operator commands that talk to a running daemon."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from statefuld import __version__
+from statefuld.config import ENV_PREFIX, Config, option_fields
+from statefuld.errors import EXIT_CONFIG, EXIT_USAGE
+
+
+class OctalInt(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
+    name = "octal"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value), 8)
+        except ValueError:
+            self.fail(f"{value!r} is not an octal file mode such as 0660", param, ctx)
+
+
+def _click_type(annotation: Any, settings: dict[str, Any]) -> Any:
+    kind = settings.get("type")
+    if kind == "octal":
+        return OctalInt()
+    if isinstance(kind, tuple):
+        return click.Choice(kind, case_sensitive=False)
+    base = next((a for a in typing.get_args(annotation) if a is not type(None) and a is not Ellipsis), annotation)
+    if base is int:
+        return click.IntRange(min=settings["min"]) if "min" in settings else click.INT
+    if base is float:
+        return click.FloatRange(min=settings["min"]) if "min" in settings else click.FLOAT
+    return click.STRING
+
+
+def _shown_default(default: Any, settings: dict[str, Any]) -> str | bool:
+    if default in (None, ()):
+        return False
+    if settings.get("type") == "octal":
+        return f"0{default:o}"
+    return True
+
+
+def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one option per Config field: --field-name, env STATEFULD_FIELD_NAME."""
+    hints = typing.get_type_hints(Config)
+    for f in reversed(option_fields()):
+        settings = dict(f.metadata["click"])
+        has_default = f.default is not dataclasses.MISSING
+        command = click.option(
+            "--" + f.name.replace("_", "-"),
+            f.name,
+            type=_click_type(hints[f.name], settings),
+            multiple=bool(settings.get("multiple")),
+            default=f.default if has_default else None,
+            show_default=_shown_default(f.default, settings) if has_default else False,
+            envvar=f.metadata.get("envvar", ENV_PREFIX + f.name.upper()),
+            show_envvar=True,
+            help=f.metadata["help"],
+        )(command)
+    return command
+
+
+@click.group()
+@click.version_option(__version__, prog_name="statefuld")
+def main() -> None:
+    """statefuld: the sidecar that routes each user of a stateful service to its pod."""
+
+
+@main.command()
+@config_options
+def serve(**options: Any) -> None:
+    """Run the daemon (with no --redis-url: an embedded private Redis)."""
+    from statefuld import server  # the client commands need none of the server's imports
+    from statefuld.logs import configure_logging
+
+    given = {name: value for name, value in options.items() if value is not None}
+    try:
+        config = Config(**given).with_secrets_from_environment()
+    except ValueError as exc:
+        click.echo(f"statefuld: invalid configuration: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except OSError as exc:
+        click.echo(f"statefuld: cannot read the Redis password file: {exc.strerror}", err=True)
+        sys.exit(EXIT_CONFIG)
+    configure_logging(config.log_level, config.log_format)
+    sys.exit(server.run(config))
+
+
+def _client_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option(
+        "--timeout-s", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
+        help="Give up after this many seconds.",
+    )(command)
+    return click.option(
+        "--socket-path", envvar="STATEFULD_SOCKET", show_envvar=True, default=None,
+        help="The daemon's socket (default: as the daemon resolves it).",
+    )(command)
+
+
+def _run_client(socket_path: str | None, timeout_s: float, method: str, params: list[Any]) -> Any:
+    from statefuld_client import Client, StatefuldError
+
+    try:
+        with Client(socket_path=socket_path, timeout_s=timeout_s) as client:
+            return client.call(method, *params)
+    except StatefuldError as exc:
+        click.echo(f"statefuld: {method}: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@_client_options
+def ping(socket_path: str | None, timeout_s: float) -> None:
+    """Check that the daemon answers (liveness); exit 0 if it does."""
+    click.echo(_run_client(socket_path, timeout_s, "ping", []))
+
+
+@main.command()
+@_client_options
+def health(socket_path: str | None, timeout_s: float) -> None:
+    """Print the daemon's health; exit 0 only when it is ready (readiness probe)."""
+    result = _run_client(socket_path, timeout_s, "health", [])
+    click.echo(json.dumps(result, sort_keys=True))
+    sys.exit(0 if isinstance(result, dict) and result.get("ready") is True else 1)
+
+
+def _parse_arg(text: str) -> Any:
+    # JSON first (numbers, lists, null); anything that is not JSON is taken as a plain string,
+    # so `statefuld call get_linked_pod game alice lobby` needs no quoting.
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@_client_options
+@click.argument("method")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def call(socket_path: str | None, timeout_s: float, method: str, args: tuple[str, ...]) -> None:
+    """Call METHOD with ARGS (each parsed as JSON, else taken as a string); print the result as JSON.
+
+    \b
+    Example: statefuld call set_linked_pod game alice lobby 3 -1
+             statefuld call get_linked_pod game '"12345"' lobby   (a uid of digits, quoted as JSON)
+    """
+    result = _run_client(socket_path, timeout_s, method, [_parse_arg(a) for a in args])
+    click.echo(json.dumps(_jsonable(result), sort_keys=True))
