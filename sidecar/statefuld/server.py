@@ -1,0 +1,405 @@
+"""The daemon's lifecycle: start in an order that cannot leave it half ready, stop in reverse.
+
+Start: check the socket path (before anything else, so a second daemon fails fast and never
+starts a Redis on a data directory in use) -> embedded Redis (when there is no --redis-url)
+-> Executor.connect (Redis answers, scripts loaded) -> bind the socket -> READY=1.
+Stop (SIGTERM/SIGINT): STOPPING=1 -> close the listener -> stop reading -> drain requests in
+flight up to drain_timeout_s -> cancel the rest -> close the connections -> close Redis ->
+stop the embedded Redis -> remove the socket file. A second signal forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import grp
+import logging
+import os
+import shlex
+import signal
+import socket
+import stat
+from collections.abc import Awaitable
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import uvloop
+
+from statefuld import systemd
+from statefuld.config import Config
+from statefuld.embedded import EmbeddedError, EmbeddedRedis
+from statefuld.errors import (
+    EXIT_CONFIG,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_REDIS_UNAVAILABLE,
+    EXIT_SOCKET_IN_USE,
+    Unavailable,
+)
+from statefuld.protocol import RpcProtocol, ServerState
+
+log = logging.getLogger("statefuld.server")
+
+_T = TypeVar("_T")
+_MAX_UNIX_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
+_BACKLOG = 1024
+_CLOSE_TIMEOUT_S = 2.0  # after the drain: how long replies may take to leave before connections are cut
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StartupError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run(config: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT; return the process exit code (errors.EXIT_*)."""
+    result: int = uvloop.run(Server(config).serve())
+    return result
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) masked, fit for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stop_requested: asyncio.Event | None = None
+        self._signal_count = 0
+        self._embedded: EmbeddedRedis | None = None
+        self._executor: Any = None
+        self._state: ServerState | None = None
+        self._listener: asyncio.AbstractServer | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        # (path, st_dev, st_ino) of the socket file we bound: removed at exit only if still ours.
+        self._bound: tuple[str, int, int] | None = None
+
+    # --- the whole life ----------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        for sig in _SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            return await self._serve()
+        except StartupError as exc:
+            log.error("statefuld cannot start: %s", exc)
+            return exc.exit_code
+        except Exception:
+            log.exception("statefuld failed")
+            return EXIT_INTERNAL
+        finally:
+            await self._release()
+            for sig in _SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    async def _serve(self) -> int:
+        config = self.config
+        activated = systemd.listen_sockets()
+        listen_sock: socket.socket | None = None
+        path = ""
+        gid: int | None = None
+        if activated:
+            if len(activated) > 1:
+                log.warning("systemd passed %d sockets; serving on the first only", len(activated))
+            listen_sock = activated[0]
+        else:
+            path = os.path.abspath(config.socket_path)
+            gid = _resolve_group(config.socket_group)
+            _check_socket_path(path)
+
+        if not await self._until_stop_requested(self._connect_redis()):
+            log.info("stop requested during start-up")
+            return EXIT_OK
+
+        if listen_sock is None:
+            listen_sock = self._bind(path, config.socket_mode, gid)
+        state = self._state
+        assert state is not None
+        self._listener = await asyncio.get_running_loop().create_unix_server(
+            lambda: RpcProtocol(state), sock=listen_sock, backlog=_BACKLOG
+        )
+        where = listen_sock.getsockname() or "(unnamed socket)"
+        self._announce(where, activated=bool(activated))
+        systemd.notify("READY=1")
+        interval_s = systemd.watchdog_interval_s()
+        if interval_s is not None:
+            self._watchdog = asyncio.create_task(_watchdog(interval_s))
+
+        assert self._stop_requested is not None
+        await self._stop_requested.wait()
+        await self._shutdown()
+        return EXIT_OK
+
+    async def _until_stop_requested(self, work: Awaitable[_T]) -> bool:
+        """Run start-up work; False if a signal came first (the work is then cancelled)."""
+        assert self._stop_requested is not None
+        task = asyncio.ensure_future(work)
+        stop = asyncio.create_task(self._stop_requested.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            stop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stop
+            task.result()  # start-up failures propagate
+            return True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return False
+
+    async def _connect_redis(self) -> None:
+        from statefuld.executor import Executor
+        from statefuld.rpc import Dispatcher
+
+        config = self.config
+        if config.redis_url is None:
+            self._embedded = EmbeddedRedis(config.data_dir, config.startup_timeout_s)
+            try:
+                await self._embedded.start()
+            except EmbeddedError as exc:
+                raise StartupError(str(exc), exc.exit_code) from exc
+            config = dataclasses.replace(config, redis_url=self._embedded.url)
+        assert config.redis_url is not None
+        shown_url = redact_url(config.redis_url)
+        try:
+            self._executor = await Executor.connect(config)
+        except Unavailable as exc:
+            raise StartupError(
+                f"Redis at {shown_url} is unavailable after {config.startup_timeout_s}s: {exc.message}",
+                EXIT_REDIS_UNAVAILABLE,
+            ) from exc
+        except ValueError as exc:
+            raise StartupError(f"invalid Redis configuration ({shown_url}): {exc}", EXIT_CONFIG) from exc
+        log.info("connected to Redis at %s", shown_url)
+        self._state = ServerState(config, Dispatcher(self._executor, config).dispatch)
+
+    # --- the socket --------------------------------------------------------------------------
+
+    def _bind(self, path: str, mode: int, gid: int | None) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for attempt in (1, 2):
+                # Born 0600 whatever the process umask: nobody else can connect before the chmod.
+                old_umask = os.umask(0o177)
+                try:
+                    sock.bind(path)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE or attempt == 2:
+                        raise StartupError(f"cannot bind {path}: {exc.strerror}", _bind_exit_code(exc)) from exc
+                    # Someone made the file while Redis was starting: check it again (live -> 73).
+                    _check_socket_path(path)
+                finally:
+                    os.umask(old_umask)
+            info = os.lstat(path)
+            self._bound = (path, info.st_dev, info.st_ino)
+            os.chmod(path, mode)
+            if gid is not None:
+                os.chown(path, -1, gid)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot set up {path}: {exc.strerror}", EXIT_CONFIG) from exc
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _announce(self, where: str, *, activated: bool) -> None:
+        how = "systemd-activated socket" if activated else f"socket (mode {self.config.socket_mode:04o})"
+        log.info("statefuld ready on %s %s", how, where)
+        quoted = shlex.quote(where)
+        log.info(
+            "try it: statefuld ping --socket-path %s ; statefuld call --socket-path %s get_linked_pod NS UID SERVICE",
+            quoted, quoted,
+        )
+
+    def _remove_socket_file(self) -> None:
+        if self._bound is None:
+            return
+        path, dev, ino = self._bound
+        self._bound = None
+        try:
+            info = os.lstat(path)
+            if (info.st_dev, info.st_ino) == (dev, ino):  # not a successor daemon's socket
+                os.unlink(path)
+        except OSError:
+            pass
+
+    # --- stopping ----------------------------------------------------------------------------
+
+    def _on_signal(self, sig: int) -> None:
+        self._signal_count += 1
+        assert self._stop_requested is not None
+        if self._signal_count == 1:
+            log.info("received %s: shutting down (send it again to force)", signal.Signals(sig).name)
+            self._stop_requested.set()
+        else:
+            self._force_exit(sig)
+
+    def _force_exit(self, sig: int) -> NoReturn:
+        log.warning("received %s again: exiting now, requests in flight are abandoned", signal.Signals(sig).name)
+        self._remove_socket_file()
+        if self._embedded is not None:
+            self._embedded.terminate_now()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        # os._exit: whatever the loop is stuck on (a hung drain, a Redis close) must not hold us.
+        os._exit(128 + sig)
+
+    async def _shutdown(self) -> None:
+        systemd.notify("STOPPING=1")
+        state = self._state
+        assert state is not None and self._listener is not None
+        self._listener.close()
+        state.draining = True
+        for conn in list(state.connections):
+            conn.stop_reading()
+        drain_s = self.config.drain_timeout_s
+        if state.tasks:
+            log.info("draining %d requests in flight (up to %ss)", len(state.tasks), drain_s)
+            _done, pending = await asyncio.wait(set(state.tasks), timeout=drain_s)
+            if pending:
+                log.warning("%d requests still in flight after %ss: cancelling them", len(pending), drain_s)
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT_S)
+        closing = []
+        for conn in list(state.connections):
+            conn.close()
+            if conn.closed is not None:
+                closing.append(conn.closed)
+        if closing:
+            _closed, stuck = await asyncio.wait(closing, timeout=_CLOSE_TIMEOUT_S)
+            if stuck:  # peers that do not read: their last replies are dropped
+                for conn in list(state.connections):
+                    conn.abort()
+        log.info("stopped serving; counters: %s", state.counters())
+
+    async def _release(self) -> None:
+        """Everything start-up acquired, in reverse; runs after a clean stop and after a failed start."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        if self._listener is not None:
+            self._listener.close()
+        if self._executor is not None:
+            try:
+                await self._executor.close()
+            except Exception:
+                log.exception("error while closing the Redis connections")
+            self._executor = None
+        if self._embedded is not None:
+            await self._embedded.stop()
+            self._embedded = None
+        self._remove_socket_file()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+async def _watchdog(interval_s: float) -> None:
+    while True:
+        systemd.notify("WATCHDOG=1")
+        await asyncio.sleep(interval_s)
+
+
+def _bind_exit_code(exc: OSError) -> int:
+    return EXIT_SOCKET_IN_USE if exc.errno == errno.EADDRINUSE else EXIT_CONFIG
+
+
+def _resolve_group(group: str | None) -> int | None:
+    if group is None:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise StartupError(f"socket group {group!r} does not exist", EXIT_CONFIG) from None
+
+
+def _check_socket_path(path: str) -> None:
+    """Make the socket's directory safe and its path free, or raise StartupError.
+
+    - path longer than sun_path: refused.
+    - the directory is created (0755) if missing; an existing one must be owned by us or root,
+      and not writable by group/others unless sticky (as /tmp: others cannot rename or remove
+      our socket there).
+    - a symlink or a non-socket at the path: refused, never followed or deleted.
+    - a socket nobody listens on (ECONNREFUSED, a dead daemon's): removed.
+    - a socket with a live listener: refused with EXIT_SOCKET_IN_USE.
+    """
+    if len(os.fsencode(path)) > _MAX_UNIX_PATH:
+        raise StartupError(f"socket path {path} is longer than {_MAX_UNIX_PATH} bytes", EXIT_CONFIG)
+    _check_socket_dir(os.path.dirname(path))
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise StartupError(f"{path} is a symbolic link; refusing to follow or replace it", EXIT_CONFIG)
+    if not stat.S_ISSOCK(info.st_mode):
+        raise StartupError(f"{path} exists and is not a socket; refusing to replace it", EXIT_CONFIG)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            pass  # stale: removed below
+        except FileNotFoundError:
+            return
+        except (TimeoutError, BlockingIOError) as exc:  # a listener with a full backlog is alive
+            raise StartupError(f"another process is serving on {path} (busy)", EXIT_SOCKET_IN_USE) from exc
+        except OSError as exc:
+            raise StartupError(f"cannot check the existing socket {path}: {exc.strerror}", EXIT_CONFIG) from exc
+        else:
+            raise StartupError(
+                f"another process (a running statefuld?) is serving on {path}; stop it or choose another "
+                "--socket-path", EXIT_SOCKET_IN_USE)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StartupError(f"cannot remove the stale socket {path}: {exc.strerror}", EXIT_CONFIG) from exc
+    log.info("removed stale socket %s (nobody was listening on it)", path)
+
+
+def _check_socket_dir(directory: str) -> None:
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        old_umask = os.umask(0o022)  # makedirs' mode goes through the umask; 0755 whatever it is
+        try:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create the socket directory {directory}: {exc.strerror}", EXIT_CONFIG) from exc
+        finally:
+            os.umask(old_umask)
+        log.info("created socket directory %s", directory)
+        info = os.stat(directory)
+    except OSError as exc:
+        raise StartupError(f"cannot use the socket directory {directory}: {exc.strerror}", EXIT_CONFIG) from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise StartupError(f"socket directory {directory} is not a directory", EXIT_CONFIG)
+    if info.st_uid not in (os.geteuid(), 0):
+        raise StartupError(
+            f"socket directory {directory} is owned by uid {info.st_uid}; it must be ours or root's", EXIT_CONFIG)
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+        raise StartupError(
+            f"socket directory {directory} is writable by group or others (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}) without the sticky bit: anyone could replace the socket",
+            EXIT_CONFIG)
