@@ -98,6 +98,7 @@ class RpcProtocol(asyncio.Protocol):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.Transport | None = None
         self._unpacker: Any = None
+        self._message_start = 0  # stream offset where the message being received began
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._write_paused = False
@@ -190,16 +191,19 @@ class RpcProtocol(asyncio.Protocol):
             self._malformed(f"undecodable MessagePack ({type(exc).__name__}: {exc})")
 
     def _drain_unpacker(self, unpacker: Any, deadline: float) -> None:
+        # The unpacker parses incrementally and drops the bytes it has consumed, so its buffer
+        # limit alone does not bound a message made of many small items: count its bytes here.
         limit = self._state.max_message_bytes
-        start = unpacker.tell()
         for message in unpacker:
             end = unpacker.tell()
-            if end - start > limit:
-                raise MalformedMessage(f"message of {end - start} bytes, larger than {limit}")
-            start = end
+            if end - self._message_start > limit:
+                raise MalformedMessage(f"message of {end - self._message_start} bytes, larger than {limit}")
+            self._message_start = end
             self._on_message(message, deadline)
             if self._closing:
                 return
+        if unpacker.tell() - self._message_start > limit:
+            raise MalformedMessage(f"message larger than {limit} bytes")
 
     def _on_message(self, message: Any, deadline: float) -> None:
         if type(message) is not list:

@@ -1,0 +1,198 @@
+"""Start-up and shut-down of a real daemon: drain, forced exit, socket safety, exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Iterator
+
+import pytest
+from support import Daemon, RedisServer, rpc_call, running, short_tmpdir, wait_for
+from test_protocol import NS, SVC, RawConnection
+
+EXIT_REDIS_UNAVAILABLE = 69
+EXIT_SOCKET_IN_USE = 73
+EXIT_CONFIG = 78
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    with running(RedisServer()) as server:
+        yield server
+
+
+def connect_refused(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return True
+    return False
+
+
+def test_sigterm_drains_requests_in_flight_then_exits_0(own_redis: RedisServer) -> None:
+    args = ["--request-timeout-ms", "10000", "--drain-timeout-s", "10"]
+    with running(Daemon(own_redis.url, args=args)) as daemon:
+        c = RawConnection(daemon.socket_path, timeout_s=10)
+        own_redis.pause()
+        try:
+            for i in range(5):
+                c.request(i, "set_linked_pod", [NS, f"user{i}", SVC, i, -1])
+            time.sleep(0.3)  # the requests are in the daemon, waiting on Redis
+            daemon.signal(signal.SIGTERM)
+            # Draining: the listener is closed at once, the process stays for the requests in flight.
+            wait_for(lambda: connect_refused(daemon.socket_path), timeout_s=5, what="listener closed")
+            assert daemon.proc is not None and daemon.proc.poll() is None
+        finally:
+            own_redis.resume()
+        assert c.replies(5) == {i: (None, None) for i in range(5)}
+        assert daemon.wait(10) == 0
+        assert own_redis.client().get(f"sf:{{{NS}:lk:user3}}{SVC}") == "3"  # written, acknowledged
+        assert not os.path.exists(daemon.socket_path)
+        c.close()
+
+
+def test_requests_still_in_flight_after_the_drain_bound_are_answered_unavailable(own_redis: RedisServer) -> None:
+    args = ["--request-timeout-ms", "10000", "--drain-timeout-s", "0.3"]
+    with running(Daemon(own_redis.url, args=args)) as daemon:
+        c = RawConnection(daemon.socket_path, timeout_s=10)
+        own_redis.pause()
+        try:
+            c.request(1, "get_linked_pod", [NS, "alice", SVC])
+            time.sleep(0.2)
+            daemon.signal(signal.SIGTERM)
+            error, _ = c.replies(1)[1]
+            assert error["code"] == "UNAVAILABLE"
+        finally:
+            own_redis.resume()
+        assert daemon.wait(10) == 0
+        assert not os.path.exists(daemon.socket_path)
+        c.close()
+
+
+def test_second_signal_forces_exit_and_still_removes_the_socket(own_redis: RedisServer) -> None:
+    args = ["--request-timeout-ms", "30000", "--drain-timeout-s", "30"]
+    with running(Daemon(own_redis.url, args=args)) as daemon:
+        c = RawConnection(daemon.socket_path)
+        own_redis.pause()
+        try:
+            c.request(1, "get_linked_pod", [NS, "alice", SVC])
+            time.sleep(0.2)
+            daemon.signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert daemon.proc is not None and daemon.proc.poll() is None  # draining, would wait 30 s
+            started = time.monotonic()
+            daemon.signal(signal.SIGINT)
+            code = daemon.wait(5)
+        finally:
+            own_redis.resume()
+        assert code != 0
+        assert time.monotonic() - started < 3
+        assert not os.path.exists(daemon.socket_path)
+        c.close()
+
+
+def test_socket_is_0660_by_default_and_removed_at_exit(redis_server: RedisServer) -> None:
+    with running(Daemon(redis_server.url)) as daemon:
+        mode = os.lstat(daemon.socket_path).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
+        assert daemon.stop() == 0
+        assert not os.path.exists(daemon.socket_path)
+
+
+def test_socket_mode_option(redis_server: RedisServer) -> None:
+    with running(Daemon(redis_server.url, args=["--socket-mode", "0600"])) as daemon:
+        assert stat.S_IMODE(os.lstat(daemon.socket_path).st_mode) == 0o600
+
+
+def test_missing_socket_directory_is_created_not_writable_by_others(redis_server: RedisServer) -> None:
+    daemon = Daemon(redis_server.url)
+    daemon.socket_path = os.path.join(daemon.dir, "run", "statefuld", "s.sock")
+    with running(daemon):
+        mode = stat.S_IMODE(os.stat(os.path.dirname(daemon.socket_path)).st_mode)
+        assert mode & 0o022 == 0
+        assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
+
+
+def test_stale_socket_is_replaced(redis_server: RedisServer) -> None:
+    daemon = Daemon(redis_server.url)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(daemon.socket_path)  # a socket file nobody listens on, as a killed daemon leaves
+    dead.close()
+    with running(daemon):
+        assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
+        assert "stale socket" in daemon.log()
+
+
+def test_live_socket_is_not_stolen(redis_server: RedisServer) -> None:
+    with running(Daemon(redis_server.url)) as first:
+        second = Daemon(redis_server.url, dir=short_tmpdir())
+        second.socket_path = first.socket_path
+        try:
+            second.start(wait=False)
+            assert second.wait(15) == EXIT_SOCKET_IN_USE
+            assert "another process" in second.log()
+        finally:
+            second.cleanup()
+        assert rpc_call(first.socket_path, "ping", []) == (None, "PONG")
+        assert stat.S_ISSOCK(os.lstat(first.socket_path).st_mode)
+
+
+def test_redis_unreachable_at_start_exits_69_quickly_without_a_socket() -> None:
+    daemon = Daemon("unix:///nonexistent/redis.sock", args=["--startup-timeout-s", "0.5"])
+    try:
+        started = time.monotonic()
+        daemon.start(wait=False)
+        assert daemon.wait(15) == EXIT_REDIS_UNAVAILABLE
+        assert time.monotonic() - started < 8
+        assert not os.path.exists(daemon.socket_path)
+        assert "unavailable" in daemon.log().lower()
+    finally:
+        daemon.cleanup()
+
+
+def test_symlink_at_the_socket_path_is_refused(redis_server: RedisServer) -> None:
+    daemon = Daemon(redis_server.url)
+    target = os.path.join(daemon.dir, "elsewhere")
+    os.symlink(target, daemon.socket_path)
+    try:
+        daemon.start(wait=False)
+        assert daemon.wait(15) == EXIT_CONFIG
+        assert os.path.islink(daemon.socket_path) and not os.path.exists(target)
+        assert "symbolic link" in daemon.log()
+    finally:
+        daemon.cleanup()
+
+
+def test_socket_directory_writable_by_others_is_refused(redis_server: RedisServer) -> None:
+    daemon = Daemon(redis_server.url)
+    os.chmod(daemon.dir, 0o777)
+    try:
+        daemon.start(wait=False)
+        assert daemon.wait(15) == EXIT_CONFIG
+        assert not os.path.exists(daemon.socket_path)
+        assert "writable by group or others" in daemon.log()
+    finally:
+        daemon.cleanup()
+
+
+def test_sticky_shared_directory_is_accepted(redis_server: RedisServer) -> None:
+    daemon = Daemon(redis_server.url)
+    os.chmod(daemon.dir, 0o1777)  # as /tmp: others cannot remove or rename our socket
+    with running(daemon):
+        assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
+
+
+def test_sigterm_during_startup_exits_0_without_a_socket() -> None:
+    daemon = Daemon("unix:///nonexistent/redis.sock", args=["--startup-timeout-s", "30"])
+    try:
+        daemon.start(wait=False)
+        time.sleep(1.0)  # inside the start-up retries
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0
+        assert not os.path.exists(daemon.socket_path)
+    finally:
+        daemon.cleanup()

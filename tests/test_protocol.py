@@ -1,0 +1,261 @@
+"""The wire protocol, spoken with msgpack and a raw socket (not through statefuld_client).
+
+Whatever another language's MessagePack-RPC client would rely on: replies matched by msgid,
+notifications, each error code, and the cases that close one connection and only that one.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+import redis
+from support import Daemon, RedisServer, rpc_call, running, wait_for
+
+NS, SVC = "game", "lobby"
+
+
+class RawConnection:
+    """A Unix-socket connection that speaks MessagePack-RPC with msgpack alone."""
+
+    def __init__(self, socket_path: str, timeout_s: float = 5.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout_s)
+        self.sock.connect(socket_path)
+        self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+
+    def send(self, *messages: Any) -> None:
+        self.sock.sendall(b"".join(msgpack.packb(m) for m in messages))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, msgid: int, method: str, params: list[Any]) -> None:
+        self.send([0, msgid, method, params])
+
+    def replies(self, count: int) -> dict[int, tuple[Any, Any]]:
+        """Read `count` responses; {msgid: (error, result)}. Fails on a duplicate msgid."""
+        got: dict[int, tuple[Any, Any]] = {}
+        while len(got) < count:
+            for message in self._messages():
+                assert len(message) == 4 and message[0] == 1, message
+                assert message[1] not in got, f"msgid {message[1]} answered twice"
+                got[message[1]] = (message[2], message[3])
+        return got
+
+    def call(self, msgid: int, method: str, params: list[Any]) -> tuple[Any, Any]:
+        self.request(msgid, method, params)
+        return self.replies(1)[msgid]
+
+    def _messages(self) -> list[Any]:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionResetError("the daemon closed the connection")
+        self.unpacker.feed(data)
+        return list(self.unpacker)
+
+    def closed_by_peer(self, timeout_s: float = 5.0) -> bool:
+        """True if the daemon closes the connection (EOF or reset) within timeout_s, sending nothing."""
+        self.sock.settimeout(timeout_s)
+        try:
+            data = self.sock.recv(1 << 16)
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+        return data == b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def conn(daemon: Daemon) -> Iterator[RawConnection]:
+    c = RawConnection(daemon.socket_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def link_key(uid: str, prefix: str = "sf") -> str:
+    return f"{prefix}:{{{NS}:lk:{uid}}}{SVC}"
+
+
+# --- requests and replies --------------------------------------------------------------------
+
+
+def test_pipelined_requests_are_each_answered_once_by_msgid(conn: RawConnection, redis_db: redis.Redis) -> None:
+    count = 200
+    conn.send(*[[0, 1000 + i, "set_linked_pod", [NS, f"user{i}", SVC, i, -1]] for i in range(count)])
+    replies = conn.replies(count)
+    assert set(replies) == {1000 + i for i in range(count)}
+    assert all(error is None and result is None for error, result in replies.values())
+    # The replies name the right request: each get returns its own user's pod.
+    conn.send(*[[0, i, "get_linked_pod", [NS, f"user{i}", SVC]] for i in range(count)])
+    assert conn.replies(count) == {i: (None, i) for i in range(count)}
+    assert redis_db.get(link_key("user7")) == "7"
+
+
+def test_msgid_may_be_any_uint32(conn: RawConnection) -> None:
+    assert conn.call(0, "ping", []) == (None, "PONG")
+    assert conn.call(2**32 - 1, "ping", []) == (None, "PONG")
+
+
+def test_many_small_requests_in_one_write_are_all_answered(conn: RawConnection) -> None:
+    # ~100 KiB of requests arrive in reads larger than the unpacker's feed slice: none may be
+    # lost or trip the message-size limit. Past --max-in-flight some are OVERLOADED; all are answered.
+    count = 10_000
+    conn.send_bytes(b"".join(msgpack.packb([0, i, "ping", []]) for i in range(count)))
+    replies = conn.replies(count)
+    assert set(replies) == set(range(count))
+    for error, result in replies.values():
+        assert (error, result) == (None, "PONG") or error["code"] == "OVERLOADED"
+    assert conn.call(count, "ping", []) == (None, "PONG")
+
+
+def test_a_message_just_under_the_limit_is_accepted(conn: RawConnection) -> None:
+    big_uid = "u" * (1024 * 1024 - 100)  # the whole message stays under the 1 MiB default
+    error, _ = conn.call(1, "get_linked_pod", [NS, big_uid, SVC])
+    assert error["code"] == "INVALID_ARGUMENT" and "uid" in error["message"]
+    assert conn.call(2, "ping", []) == (None, "PONG")  # same connection, still open
+
+
+def test_notification_is_executed_and_never_answered(conn: RawConnection, redis_db: redis.Redis) -> None:
+    conn.send([2, "set_service_state", [NS, SVC, 4, "Ready"]], [0, 9, "ping", []])
+    assert conn.replies(1) == {9: (None, "PONG")}
+    wait_for(lambda: redis_db.hget(f"sf:{{{NS}:state:{SVC}}}", "4") == "Ready", timeout_s=5, what="notification")
+    # A failing notification is not answered either, and the connection stays usable.
+    conn.send([2, "set_service_state", [NS, SVC, "not-a-pod", "Ready"]], [2, "no_such_method", []])
+    assert conn.call(10, "ping", []) == (None, "PONG")
+
+
+# --- error codes -----------------------------------------------------------------------------
+
+
+def test_invalid_argument_names_the_parameter_and_writes_nothing(conn: RawConnection, redis_db: redis.Redis) -> None:
+    error, result = conn.call(1, "set_linked_pod", [NS, "alice", SVC, "three", -1])
+    assert result is None
+    assert error["code"] == "INVALID_ARGUMENT" and "pod_id" in error["message"]
+    error, _ = conn.call(2, "set_linked_pod", [NS, "alice", SVC])  # wrong arity
+    assert error["code"] == "INVALID_ARGUMENT"
+    assert redis_db.dbsize() == 0
+
+
+def test_unknown_method(conn: RawConnection) -> None:
+    error, result = conn.call(1, "drop_everything", [])
+    assert (error["code"], result) == ("UNKNOWN_METHOD", None)
+    assert "drop_everything" in error["message"]
+
+
+def test_internal_error_on_a_key_of_the_wrong_type(conn: RawConnection, redis_db: redis.Redis) -> None:
+    redis_db.set(f"sf:{{{NS}:state:{SVC}}}", "not a hash")  # WRONGTYPE for the executor's HGETALL
+    error, result = conn.call(1, "get_service_state", [NS, SVC])
+    assert (error["code"], result) == ("INTERNAL", None)
+    assert isinstance(error["message"], str)
+    assert conn.call(2, "ping", []) == (None, "PONG")
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    with running(RedisServer()) as server:
+        yield server
+
+
+def test_unavailable_is_fast_when_redis_is_down(own_redis: RedisServer) -> None:
+    with running(Daemon(own_redis.url, args=["--request-timeout-ms", "5000"])) as daemon:
+        own_redis.stop()
+        started = time.monotonic()
+        error, _ = rpc_call(daemon.socket_path, "get_linked_pod", [NS, "alice", SVC])
+        assert error["code"] == "UNAVAILABLE"
+        assert time.monotonic() - started < 2.0  # fast, well before the 5 s deadline
+        assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")  # alive without Redis
+
+
+def test_timeout_when_redis_hangs(own_redis: RedisServer) -> None:
+    with running(Daemon(own_redis.url, args=["--request-timeout-ms", "300"])) as daemon:
+        own_redis.pause()
+        try:
+            started = time.monotonic()
+            error, _ = rpc_call(daemon.socket_path, "get_linked_pod", [NS, "alice", SVC])
+            elapsed = time.monotonic() - started
+        finally:
+            own_redis.resume()
+        assert error["code"] == "TIMEOUT"
+        assert 0.25 < elapsed < 2.0
+        # Redis back: the daemon recovers.
+        wait_for(lambda: rpc_call(daemon.socket_path, "get_linked_pod", [NS, "alice", SVC]) == (None, None),
+                 timeout_s=10, what="recovery after the timeout")
+
+
+def test_overloaded_past_max_in_flight_without_queueing(own_redis: RedisServer) -> None:
+    args = ["--max-in-flight", "2", "--request-timeout-ms", "10000"]
+    with running(Daemon(own_redis.url, args=args)) as daemon:
+        c = RawConnection(daemon.socket_path)
+        own_redis.pause()
+        try:
+            c.request(1, "get_linked_pod", [NS, "a", SVC])
+            c.request(2, "get_linked_pod", [NS, "b", SVC])
+            time.sleep(0.2)
+            started = time.monotonic()
+            c.request(3, "get_linked_pod", [NS, "c", SVC])
+            error, _ = c.replies(1)[3]
+            assert error["code"] == "OVERLOADED"
+            assert time.monotonic() - started < 1.0  # shed at once, not after a wait
+        finally:
+            own_redis.resume()
+        # The two requests in flight complete normally once Redis answers.
+        assert c.replies(2) == {1: (None, None), 2: (None, None)}
+        assert c.call(4, "ping", []) == (None, "PONG")
+        c.close()
+
+
+# --- connections closed for protocol violations ------------------------------------------------
+
+MALFORMED = {
+    "garbage": b"\xc1\xc1\xc1\xc1",  # 0xc1 is never used in MessagePack
+    "not an array": msgpack.packb({"method": "ping"}),
+    "wrong arity": msgpack.packb([0, 1, "ping"]),
+    "unknown type": msgpack.packb([5, 1, "ping", []]),
+    "response sent to the daemon": msgpack.packb([1, 1, None, "PONG"]),
+    "msgid not an int": msgpack.packb([0, "1", "ping", []]),
+    "negative msgid": msgpack.packb([0, -1, "ping", []]),
+    "method not a string": msgpack.packb([0, 1, 42, []]),
+    "params not an array": msgpack.packb([0, 1, "ping", {"a": 1}]),
+    "oversized": msgpack.packb([0, 1, "ping", ["x" * (1024 * 1024 + 1)]]),
+    "oversized in small pieces": msgpack.packb([0, 1, "ping", list(range(300_000))]),
+}
+
+
+@pytest.mark.parametrize("payload", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_message_closes_only_that_connection(daemon: Daemon, payload: bytes) -> None:
+    bystander = RawConnection(daemon.socket_path)
+    offender = RawConnection(daemon.socket_path)
+    try:
+        assert bystander.call(1, "ping", []) == (None, "PONG")
+        try:
+            offender.send_bytes(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while we were still sending the oversized one: also a close
+        else:
+            assert offender.closed_by_peer()
+        assert bystander.call(2, "ping", []) == (None, "PONG")
+        assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
+    finally:
+        bystander.close()
+        offender.close()
+
+
+def test_replies_already_due_are_sent_before_a_malformed_message_closes(daemon: Daemon) -> None:
+    c = RawConnection(daemon.socket_path)
+    try:
+        c.send([0, 1, "ping", []])
+        assert c.replies(1) == {1: (None, "PONG")}
+        c.send_bytes(b"\xc1")
+        assert c.closed_by_peer()
+    finally:
+        c.close()
