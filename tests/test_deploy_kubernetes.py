@@ -1,0 +1,197 @@
+"""The Kubernetes example (deploy/kubernetes/), checked without a cluster.
+
+Each manifest is validated offline with kubernetes-validate (the OpenAPI schemas it ships, strict:
+unknown fields fail) against the newest version it knows and against 1.29, the first release with
+native sidecars on by default. Then the fields the example relies on are checked against the
+image and the daemon: the sidecar shape, probes that are real `statefuld` commands, the shared
+socket volume, the security context, the Secret, the stop budget. Last, the socket directory is
+made the way the kubelet makes it, and a real daemon must start there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import REPO, Daemon, RedisServer, rpc_call, short_tmpdir
+
+from statefuld import errors
+from statefuld.cli import main as cli
+from statefuld.config import PASSWORD_ENV, Config
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+yaml = pytest.importorskip("yaml")
+
+MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
+NATIVE_SIDECAR_MIN_VERSION = "1.29.0"
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def pod_spec() -> dict[str, Any]:
+    (deployment,) = [d for d in load(REPO / "deploy" / "kubernetes" / "deployment.yaml") if d["kind"] == "Deployment"]
+    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+def sidecar() -> dict[str, Any]:
+    (container,) = [c for c in pod_spec()["initContainers"] if c["name"] == "statefuld"]
+    return container
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def dockerfile_user() -> tuple[int, int]:
+    users = re.findall(r"(?m)^USER\s+(\d+):(\d+)\s*$", (REPO / "Dockerfile").read_text())
+    uid, gid = users[-1]
+    return int(uid), int(gid)
+
+
+@pytest.mark.parametrize("version", [kubernetes_validate.latest_version(), NATIVE_SIDECAR_MIN_VERSION])
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_is_valid(path: Path, version: str) -> None:
+    docs = load(path)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_validation_is_strict() -> None:
+    # A typo in a field name must fail, or the test above proves nothing.
+    (deployment,) = load(REPO / "deploy" / "kubernetes" / "deployment.yaml")
+    deployment["spec"]["template"]["spec"]["initContainers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_statefuld_is_a_native_sidecar_sharing_the_socket() -> None:
+    spec = pod_spec()
+    statefuld = sidecar()
+    # An init container that keeps running: starts before the app containers, stops after them.
+    assert statefuld["restartPolicy"] == "Always"
+    socket_path = env_of(statefuld)["STATEFULD_SOCKET"]["value"]
+    socket_dir = os.path.dirname(socket_path)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in statefuld["volumeMounts"]}
+    volume = volumes[mounts[socket_dir]]
+    # tmpfs: the kubelet mounts it with mode 1777; a disk emptyDir is 0777 without the sticky bit,
+    # a socket directory the daemon refuses (see test_daemon_starts_in_the_socket_volume below).
+    assert volume["emptyDir"]["medium"] == "Memory"
+    assert spec["containers"]
+    for app in spec["containers"]:
+        app_mounts = {m["mountPath"]: m["name"] for m in app["volumeMounts"]}
+        assert app_mounts[socket_dir] == volume["name"], f"{app['name']} must mount the socket volume"
+        assert env_of(app)["STATEFULD_SOCKET"]["value"] == socket_path  # the client finds the same socket
+
+
+def probe_command(probe: dict[str, Any]) -> list[str]:
+    command: list[str] = probe["exec"]["command"]
+    assert command[0] == "statefuld"
+    subcommand = cli.commands[command[1]]
+    subcommand.make_context(command[1], list(command[2:]))  # raises on an option the CLI does not have
+    timeout = command[command.index("--timeout-s") + 1]
+    assert float(timeout) < probe["timeoutSeconds"], "the client gives up before the kubelet kills the probe"
+    return command[:2]
+
+
+def test_probes_are_statefuld_commands() -> None:
+    statefuld = sidecar()
+    assert probe_command(statefuld["readinessProbe"]) == ["statefuld", "health"]  # ready: Redis reachable
+    assert probe_command(statefuld["livenessProbe"]) == ["statefuld", "ping"]  # alive: a Redis outage is no restart
+    # The app container starts once this passes, so it never meets a half-ready daemon.
+    assert probe_command(statefuld["startupProbe"]) == ["statefuld", "health"]
+
+
+def test_security_context_matches_the_image() -> None:
+    spec = pod_spec()
+    uid, gid = dockerfile_user()
+    context = sidecar()["securityContext"]
+    assert context["runAsNonRoot"] is True and context["runAsUser"] == uid and context["runAsGroup"] == gid
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"] and "add" not in context["capabilities"]
+    # The socket volume's group: every container of the pod gets it, so the app may use the 0660 socket.
+    assert spec["securityContext"]["fsGroup"] == gid
+    assert Config(socket_path="/unused").socket_mode & 0o060 == 0o060
+
+
+def test_configuration_comes_from_the_environment() -> None:
+    env = env_of(sidecar())
+    known = {"STATEFULD_SOCKET", PASSWORD_ENV} | {
+        "STATEFULD_" + f.name.upper() for f in dataclasses.fields(Config) if "click" in f.metadata
+    }
+    assert set(env) <= known, set(env) - known
+    assert env["STATEFULD_REDIS_URL"]["value"].startswith("redis")  # the image bundles no Redis
+    password = env[PASSWORD_ENV]
+    assert "value" not in password and password["valueFrom"]["secretKeyRef"]["key"]
+    (secret,) = load(REPO / "deploy" / "kubernetes" / "redis-secret.example.yaml")
+    assert secret["kind"] == "Secret"
+    assert password["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    assert password["valueFrom"]["secretKeyRef"]["key"] in secret["stringData"]
+
+
+def test_stop_budget_covers_the_drain() -> None:
+    env = env_of(sidecar())
+    drain_s = float(env["STATEFULD_DRAIN_TIMEOUT_S"]["value"]) if "STATEFULD_DRAIN_TIMEOUT_S" in env else \
+        Config(socket_path="/unused").drain_timeout_s
+    # The app stops first, then statefuld drains; both within the one grace period.
+    assert pod_spec()["terminationGracePeriodSeconds"] >= drain_s + 15
+
+
+def test_resources_are_set() -> None:
+    resources = sidecar()["resources"]
+    assert resources["requests"]["memory"] and resources["requests"]["cpu"]
+    assert resources["limits"]["memory"]
+
+
+# --- the socket volume as the kubelet makes it, with a real daemon --------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_for_k8s() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("medium", "mode", "starts"),
+    [
+        # emptyDir medium Memory: a tmpfs (root mode 1777) plus fsGroup's setgid -> 3777: served.
+        ("Memory", 0o3777, True),
+        # default emptyDir: 0777 plus fsGroup's setgid -> 2777: anyone could swap the socket; refused.
+        ("disk", 0o2777, False),
+    ],
+    ids=["medium-Memory", "medium-disk"],
+)
+def test_daemon_starts_in_the_socket_volume(redis_for_k8s: RedisServer, medium: str, mode: int, starts: bool) -> None:
+    volume = short_tmpdir("sfk-")
+    os.chmod(volume, mode)
+    assert stat.S_IMODE(os.stat(volume).st_mode) == mode, medium
+    daemon = Daemon(redis_for_k8s.url, dir=volume)
+    try:
+        if starts:
+            daemon.start()
+            assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
+            assert daemon.stop() == 0, daemon.log()
+        else:
+            daemon.start(wait=False)
+            assert daemon.wait(20) == errors.EXIT_CONFIG, daemon.log()
+            assert "sticky" in daemon.log(), daemon.log()
+    finally:
+        daemon.stop()
+        shutil.rmtree(volume, ignore_errors=True)
+
