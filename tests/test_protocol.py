@@ -259,3 +259,16 @@ def test_replies_already_due_are_sent_before_a_malformed_message_closes(daemon: 
         assert c.closed_by_peer()
     finally:
         c.close()
+
+
+def test_a_peer_that_stops_sending_still_gets_its_replies(daemon: Daemon) -> None:
+    # As `socat` or a client that half-closes after its last request: replies still arrive,
+    # then the daemon closes the connection.
+    c = RawConnection(daemon.socket_path)
+    try:
+        c.send(*[[0, i, "get_linked_pod", [NS, f"user{i}", SVC]] for i in range(20)])
+        c.sock.shutdown(socket.SHUT_WR)
+        assert c.replies(20) == {i: (None, None) for i in range(20)}
+        assert c.closed_by_peer()
+    finally:
+        c.close()

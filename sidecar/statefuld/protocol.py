@@ -8,10 +8,12 @@ docs/PROTOCOL.md for the wire format and the cases that close a connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol, cast
 
@@ -68,6 +70,8 @@ class ServerState:
         self.internal_errors = 0
         self.notification_failures = 0
         self.closed_malformed = 0
+        self._last_failure_log_s = -1.0
+        self._failures_not_logged = 0
         self.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
 
     def peer_allowed(self, uid: int, gid: int) -> bool:
@@ -75,6 +79,20 @@ class ServerState:
             return True
         # The daemon's own user may always connect, so its health probes keep working.
         return uid in self.allow_uids or gid in self.allow_gids or uid == os.geteuid()
+
+    def notification_failed(self, method: str, reason: str, *, traceback: bool = False) -> None:
+        # A client that fires notifications at a dead Redis must not flood the log: one line a second.
+        self.notification_failures += 1
+        now = time.monotonic()
+        if now - self._last_failure_log_s < 1.0:
+            self._failures_not_logged += 1
+            return
+        more = ""
+        if self._failures_not_logged:
+            more = f" ({self._failures_not_logged} more failed notifications not logged)"
+        self._last_failure_log_s = now
+        self._failures_not_logged = 0
+        log.warning("notification %s failed: %s%s", method, reason, more, exc_info=traceback)
 
     def counters(self) -> dict[str, int]:
         return {
@@ -103,6 +121,8 @@ class RpcProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         self._write_paused = False
         self._closing = False
+        self._pending = 0  # requests and notifications of this connection still executing
+        self._eof = False
         self.closed: asyncio.Future[None] | None = None
 
     # --- connection events -------------------------------------------------------------------
@@ -134,11 +154,11 @@ class RpcProtocol(asyncio.Protocol):
 
     def _check_peer(self, transport: asyncio.Transport) -> bool:
         sock: socket.socket | None = transport.get_extra_info("socket")
-        try:
-            assert sock is not None
-            _pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        except (AssertionError, OSError):
-            uid = gid = -1
+        uid = gid = -1  # unknown peers are refused unless nothing is restricted
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                _pid, uid, gid = _PEERCRED.unpack(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         if self._state.peer_allowed(uid, gid):
             return True
         log.warning("connection refused: peer uid=%d gid=%d is not in --allow-uid/--allow-gid", uid, gid)
@@ -151,6 +171,20 @@ class RpcProtocol(asyncio.Protocol):
         self._out.clear()
         if self.closed is not None and not self.closed.done():
             self.closed.set_result(None)
+
+    def eof_received(self) -> bool:
+        # The peer shut down its sending side (e.g. `socat`, or a client done sending): it still
+        # gets the replies to what it sent; the connection closes once they are out.
+        self._eof = True
+        if self._pending:
+            return True  # keep the transport open for writing
+        self.flush()
+        return False  # asyncio closes the transport
+
+    def _request_done(self) -> None:
+        self._pending -= 1
+        if self._eof and not self._pending:
+            self._close("peer finished sending")
 
     def pause_writing(self) -> None:
         # The peer is not reading its replies: stop reading its requests until it catches up,
@@ -234,12 +268,12 @@ class RpcProtocol(asyncio.Protocol):
             # Shed at once: queueing would only turn overload into timeouts for everyone.
             state.overloaded += 1
             if msgid is None:
-                state.notification_failures += 1
-                log.warning("notification %s dropped: OVERLOADED", method)
+                state.notification_failed(method, "OVERLOADED")
             else:
                 self._reply(msgid, _OVERLOADED, None)
             return
         state.in_flight += 1
+        self._pending += 1
         if msgid is None:
             state.notifications += 1
             coro = self._notify(method, params, deadline)
@@ -275,6 +309,7 @@ class RpcProtocol(asyncio.Protocol):
                 self._reply(msgid, None, result)
         finally:
             state.in_flight -= 1
+            self._request_done()
 
     async def _notify(self, method: str, params: list[Any], deadline: float) -> None:
         state = self._state
@@ -282,18 +317,16 @@ class RpcProtocol(asyncio.Protocol):
             async with asyncio.timeout_at(deadline):
                 await state.dispatch(method, params)
         except RpcError as exc:
-            state.notification_failures += 1
-            log.warning("notification %s failed: %s: %s", method, exc.code, exc.message)
+            state.notification_failed(method, f"{exc.code}: {exc.message}")
         except TimeoutError:
-            state.notification_failures += 1
             state.timeouts += 1
-            log.warning("notification %s failed: TIMEOUT", method)
+            state.notification_failed(method, "TIMEOUT")
         except Exception:  # CancelledError is a BaseException and propagates
-            state.notification_failures += 1
             state.internal_errors += 1
-            log.exception("notification %s failed: internal error", method)
+            state.notification_failed(method, "INTERNAL", traceback=True)
         finally:
             state.in_flight -= 1
+            self._request_done()
 
     # --- bytes out ---------------------------------------------------------------------------
 

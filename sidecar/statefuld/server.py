@@ -23,7 +23,7 @@ import socket
 import stat
 from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import uvloop
 
@@ -62,13 +62,16 @@ def run(config: Config) -> int:
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password (if any) masked, fit for logs."""
+    """The URL with its password (in the authority or a `password=` query parameter) masked, for logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        url = urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    if "password" in parts.query.lower():
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        masked = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+        url = url.replace("?" + parts.query, "?" + masked, 1)
+    return url
 
 
 class Server:
