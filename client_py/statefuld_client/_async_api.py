@@ -1,0 +1,222 @@
+"""The daemon's methods, typed, for the asyncio client.
+
+This file is the source; ``_sync_api.py`` is generated from it by ``client_py/scripts/unasync.py``
+(``async``/``await`` dropped, names swapped) and a test fails when the two drift. Edit here, then
+run ``.venv/bin/python client_py/scripts/unasync.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, cast
+
+from statefuld_client._wire import READ_METHODS, as_list, linked_pair
+
+
+class AsyncAPI:
+    """The methods of SPEC section 2 and 2b; a shell supplies `_call` and `_notify`."""
+
+    __slots__ = ()
+
+    async def _call(self, method: str, params: list[Any], timeout_s: float | None, is_read: bool) -> Any:
+        raise NotImplementedError
+
+    async def _notify(self, method: str, params: list[Any], timeout_s: float | None) -> None:
+        raise NotImplementedError
+
+    async def call(self, method: str, *params: Any, timeout_s: float | None = None) -> Any:
+        """Call any daemon method by name; return its decoded result as is.
+
+        Example: ``await client.call("get_linked_pod", "game", "alice", "lobby")`` -> ``3``
+        """
+        return await self._call(method, list(params), timeout_s, method in READ_METHODS)
+
+    async def notify(self, method: str, *params: Any, timeout_s: float | None = None) -> None:
+        """Send a method as a notification: executed by the daemon, never answered.
+
+        Returns once the request is handed to the connection; failures are only in the daemon's
+        log and metrics. ``timeout_s`` bounds connecting and sending.
+        """
+        await self._notify(method, list(params), timeout_s)
+
+    async def ping(self, *, timeout_s: float | None = None) -> str:
+        """Check that the daemon answers (Redis is not consulted).
+
+        Example: ``await client.ping()`` -> ``"PONG"``
+        """
+        return cast(str, await self._call("ping", [], timeout_s, True))
+
+    async def health(self, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """The daemon's health: at least ``ready`` (bool: Redis reachable, scripts loaded) and ``redis``.
+
+        Example: ``await client.health()`` -> ``{"ready": True, "redis": "unix:///run/redis.sock"}``
+        """
+        return cast("dict[str, Any]", await self._call("health", [], timeout_s, True))
+
+    # -- pod and workload states --------------------------------------------------------------
+
+    async def set_service_state(self, ns: str, service: str, pod_id: int, state: str, *,
+                                timeout_s: float | None = None) -> None:
+        """Publish the state of one pod of a service.
+
+        Example: ``await client.set_service_state("game", "lobby", 3, "Ready")``
+        """
+        await self._call("set_service_state", [ns, service, pod_id, state], timeout_s, False)
+
+    async def notify_service_state(self, ns: str, service: str, pod_id: int, state: str, *,
+                                   timeout_s: float | None = None) -> None:
+        """`set_service_state` as a fire-and-forget notification, for heartbeats: no reply, no error.
+
+        Example: ``await client.notify_service_state("game", "lobby", 3, "Ready")``
+        """
+        await self._notify("set_service_state", [ns, service, pod_id, state], timeout_s)
+
+    async def get_service_state(self, ns: str, service: str, *,
+                                timeout_s: float | None = None) -> dict[int, str]:
+        """The state of every pod of a service, pod id -> state; ``{}`` if none.
+
+        Example: ``await client.get_service_state("game", "lobby")`` -> ``{3: "Ready"}``
+        """
+        return cast("dict[int, str]", await self._call("get_service_state", [ns, service], timeout_s, True))
+
+    async def set_workload_state(self, ns: str, service: str, state: str, *,
+                                 timeout_s: float | None = None) -> None:
+        """Publish the state of the whole service (its workload).
+
+        Example: ``await client.set_workload_state("game", "lobby", "Running")``
+        """
+        await self._call("set_workload_state", [ns, service, state], timeout_s, False)
+
+    async def get_workload_state(self, ns: str, service: str, *,
+                                 timeout_s: float | None = None) -> str | None:
+        """The workload state of a service, or None.
+
+        Example: ``await client.get_workload_state("game", "lobby")`` -> ``"Running"``
+        """
+        return cast("str | None", await self._call("get_workload_state", [ns, service], timeout_s, True))
+
+    async def get_workload_state_batch(self, ns: str, services: Iterable[str], *,
+                                       timeout_s: float | None = None) -> dict[str, str]:
+        """Workload states of many services, service -> state, only for those that have one.
+
+        Example: ``await client.get_workload_state_batch("game", ["lobby", "match"])`` -> ``{"lobby": "Running"}``
+        """
+        params = [ns, as_list(services)]
+        return cast("dict[str, str]", await self._call("get_workload_state_batch", params, timeout_s, True))
+
+    # -- user -> pod links ----------------------------------------------------------------------
+
+    async def set_linked_pod(self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int, *,
+                             timeout_s: float | None = None) -> int | None:
+        """Link the user to ``pod_id``, overwriting any link; return the pod linked before, or None.
+
+        ``persist_seconds``: -1 makes the link persistent, N > 0 temporary (expires after N seconds).
+
+        Example: ``await client.set_linked_pod("game", "alice", "lobby", 3, -1)`` -> ``None``
+        """
+        params = [ns, uid, service, pod_id, persist_seconds]
+        return cast("int | None", await self._call("set_linked_pod", params, timeout_s, False))
+
+    async def try_set_linked_pod(self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int, *,
+                                 timeout_s: float | None = None) -> tuple[bool, int]:
+        """Link as `set_linked_pod` does, unless the user has a persistent link to another pod.
+
+        Returns ``(True, pod_id)`` when linked, ``(False, current_pod)`` when left unchanged.
+
+        Example: ``await client.try_set_linked_pod("game", "alice", "lobby", 4, -1)`` -> ``(False, 3)``
+        """
+        params = [ns, uid, service, pod_id, persist_seconds]
+        return linked_pair(await self._call("try_set_linked_pod", params, timeout_s, False))
+
+    async def set_linked_pod_if_absent(self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int,
+                                       *, timeout_s: float | None = None) -> int:
+        """Link the user to ``pod_id`` only if no link exists; return the pod linked after the call.
+
+        Example: ``await client.set_linked_pod_if_absent("game", "alice", "lobby", 4, 60)`` -> ``3``
+        """
+        params = [ns, uid, service, pod_id, persist_seconds]
+        return cast(int, await self._call("set_linked_pod_if_absent", params, timeout_s, False))
+
+    async def get_linked_pod(self, ns: str, uid: str, service: str, *,
+                             timeout_s: float | None = None) -> int | None:
+        """The pod the user is linked to for the service (persistent or temporary), or None.
+
+        Example: ``await client.get_linked_pod("game", "alice", "lobby")`` -> ``3``
+        """
+        return cast("int | None", await self._call("get_linked_pod", [ns, uid, service], timeout_s, True))
+
+    async def get_linked_pod_if_persist(self, ns: str, uid: str, service: str, *,
+                                        timeout_s: float | None = None) -> int | None:
+        """The pod the user is linked to if that link is persistent, else None.
+
+        Example: ``await client.get_linked_pod_if_persist("game", "alice", "lobby")`` -> ``3``
+        """
+        params = [ns, uid, service]
+        return cast("int | None", await self._call("get_linked_pod_if_persist", params, timeout_s, True))
+
+    async def batch_get_linked_pod(self, ns: str, uids: Iterable[str], service: str, *,
+                                   timeout_s: float | None = None) -> dict[int, list[str]]:
+        """Group users by the pod they are linked to: pod id -> uids (input order); unlinked uids left out.
+
+        Example: ``await client.batch_get_linked_pod("game", ["alice", "bob", "eve"], "lobby")``
+        -> ``{3: ["alice", "eve"]}``
+        """
+        params = [ns, as_list(uids), service]
+        return cast("dict[int, list[str]]", await self._call("batch_get_linked_pod", params, timeout_s, True))
+
+    async def remove_linked_pod(self, ns: str, uid: str, service: str, persist_seconds: int, *,
+                                timeout_s: float | None = None) -> bool:
+        """Remove the user's link; True if one existed.
+
+        ``persist_seconds``: -1 deletes it now; N > 0 keeps it N more seconds as a temporary link, so a
+        user who comes back in that window returns to the same pod.
+
+        Example: ``await client.remove_linked_pod("game", "alice", "lobby", -1)`` -> ``True``
+        """
+        params = [ns, uid, service, persist_seconds]
+        return cast(bool, await self._call("remove_linked_pod", params, timeout_s, False))
+
+    async def remove_linked_pod_with_id(self, ns: str, uid: str, service: str, persist_seconds: int, pod_id: int,
+                                        *, timeout_s: float | None = None) -> bool:
+        """Remove the user's link only if it points at ``pod_id``; True if it did (and was removed).
+
+        Example: ``await client.remove_linked_pod_with_id("game", "alice", "lobby", -1, 3)`` -> ``True``
+        """
+        params = [ns, uid, service, persist_seconds, pod_id]
+        return cast(bool, await self._call("remove_linked_pod_with_id", params, timeout_s, False))
+
+    async def get_link_service(self, ns: str, uid: str, *, timeout_s: float | None = None) -> dict[str, int]:
+        """The user's persistent links, service -> pod id.
+
+        Example: ``await client.get_link_service("game", "alice")`` -> ``{"lobby": 3}``
+        """
+        return cast("dict[str, int]", await self._call("get_link_service", [ns, uid], timeout_s, True))
+
+    # -- placement (SPEC 2b) ------------------------------------------------------------------------
+
+    async def report_pod_load(self, ns: str, service: str, pod_id: int, load: int, *,
+                              timeout_s: float | None = None) -> None:
+        """Report a pod's load (an int >= 0, lower is better) for `compute_linked_pod`.
+
+        Example: ``await client.report_pod_load("game", "lobby", 3, 120)``
+        """
+        await self._call("report_pod_load", [ns, service, pod_id, load], timeout_s, False)
+
+    async def notify_pod_load(self, ns: str, service: str, pod_id: int, load: int, *,
+                              timeout_s: float | None = None) -> None:
+        """`report_pod_load` as a fire-and-forget notification, for periodic reports: no reply, no error.
+
+        Example: ``await client.notify_pod_load("game", "lobby", 3, 120)``
+        """
+        await self._notify("report_pod_load", [ns, service, pod_id, load], timeout_s)
+
+    async def compute_linked_pod(self, ns: str, uid: str, service: str, persist_seconds: int, *,
+                                 timeout_s: float | None = None) -> int | None:
+        """The user's pod, linking them to a lightly loaded ready pod if they have none.
+
+        Returns the existing link unchanged if there is one; None if no pod is eligible.
+
+        Example: ``await client.compute_linked_pod("game", "alice", "lobby", -1)`` -> ``3``
+        """
+        params = [ns, uid, service, persist_seconds]
+        return cast("int | None", await self._call("compute_linked_pod", params, timeout_s, False))

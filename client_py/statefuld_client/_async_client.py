@@ -1,0 +1,369 @@
+"""The asyncio client: every call of a client shares one connection, replies matched by msgid."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import weakref
+from types import TracebackType
+from typing import Any
+
+from statefuld_client._async_api import AsyncAPI
+from statefuld_client._paths import default_socket_path
+from statefuld_client._wire import MSGID_MASK, Decoder, Encoder, unwrap
+from statefuld_client.errors import (
+    ClientClosedError,
+    ClientTimeoutError,
+    ConnectionLostError,
+    ConnectRefusedError,
+    ProtocolError,
+    SocketNotFoundError,
+    StatefuldError,
+    TransportError,
+)
+
+DEFAULT_TIMEOUT_S = 5.0
+# aclose() lets the transport flush queued notifications this long before aborting it.
+_CLOSE_FLUSH_S = 1.0
+
+
+class _NotSent(Exception):
+    """The connection was lost before the request was handed to the transport."""
+
+
+def _expire(future: asyncio.Future[Any], method: str, timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(ClientTimeoutError(f"{method}: no reply from the daemon within {timeout_s}s"))
+
+
+class _Connection(asyncio.Protocol):
+    """One socket: requests queued during a loop turn go out in one write; replies go to their future."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.transport: asyncio.Transport | None = None
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.lost = False
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._decoder = Decoder()
+        self._queue: list[bytes] = []
+        self._queued_ids: list[int] = []
+        self._drained: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        decoder = self._decoder
+        decoder.feed(data)
+        pending = self.pending
+        try:
+            while (reply := decoder.next_reply()) is not None:
+                future = pending.pop(reply[1], None)
+                # None: a call that was cancelled or timed out; its reply is dropped here.
+                if future is not None and not future.done():
+                    future.set_result(reply)
+        except ProtocolError as exc:
+            self.fail(exc)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        unsent = set(self._queued_ids)
+        self._queue.clear()
+        self._queued_ids.clear()
+        for msgid, future in self.pending.items():
+            if not future.done():
+                if msgid in unsent:
+                    future.set_exception(_NotSent())
+                else:
+                    lost = ConnectionLostError("the daemon closed the connection before replying")
+                    lost.__cause__ = exc
+                    future.set_exception(lost)
+        self.pending.clear()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+
+    async def drain(self) -> None:
+        if self._drained is not None:
+            await asyncio.shield(self._drained)
+
+    def send(self, payload: bytes, msgid: int) -> None:
+        if self.lost:
+            raise _NotSent
+        if not self._queue:
+            self.loop.call_soon(self._flush)
+        self._queue.append(payload)
+        self._queued_ids.append(msgid)
+
+    def _flush(self) -> None:
+        queue = self._queue
+        if not queue or self.transport is None or self.lost:
+            return
+        self.transport.write(queue[0] if len(queue) == 1 else b"".join(queue))
+        queue.clear()
+        self._queued_ids.clear()
+
+    def fail(self, exc: Exception) -> None:
+        """Drop the connection and fail every call waiting on it with ``exc``."""
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        self.pending.clear()
+        self.lost = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def forget(self) -> None:
+        """Close our copy of the socket without touching its event loop.
+
+        For a child after a fork (the loop's epoll instance is shared with the parent, so even
+        unregistering would break the parent) and for a loop already closed. detach() leaves the
+        transport an fd of -1, so it cannot later close a reused descriptor number.
+        """
+        self.lost = True
+        fd = self.sock.detach()
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class AsyncClient(AsyncAPI):
+    """Asyncio client for the statefuld daemon.
+
+    Same methods and arguments as `Client`, awaited. Any number of concurrent calls share one
+    connection: requests made in the same event-loop turn go out in one write, and replies are
+    matched by msgid in whatever order they come. Cancelling a call (or its ``timeout_s`` passing)
+    leaves the others alone; its late reply is dropped.
+
+    Constructing does no I/O; the first call connects, and the first call after the daemon
+    restarted reconnects. A client belongs to the event loop of its first call.
+
+    Example::
+
+        async with AsyncClient() as client:
+            await client.set_linked_pod("game", "alice", "lobby", 3, -1)
+            pods = await asyncio.gather(*(client.get_linked_pod("game", u, "lobby") for u in users))
+    """
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        self.socket_path: str = os.fspath(socket_path) if socket_path is not None else default_socket_path()
+        self.timeout_s = timeout_s
+        self._conn: _Connection | None = None
+        self._connect_lock: asyncio.Lock | None = None
+        self._connect_lock_loop: asyncio.AbstractEventLoop | None = None
+        self._encoder = Encoder()
+        self._msgid = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        conn = self._conn
+        state = "closed" if self._closed else "connected" if conn is not None and not conn.lost else "idle"
+        return f"<AsyncClient socket_path={self.socket_path!r} {state}>"
+
+    async def __aenter__(self) -> AsyncClient:
+        if self._closed:
+            raise ClientClosedError("this AsyncClient was closed; create a new one")
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        """True once `aclose` was called."""
+        return self._closed
+
+    async def aclose(self) -> None:
+        """Close the connection; calls still waiting and every later call raise `ClientClosedError`.
+
+        Queued notifications get a moment to be written first. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is None or conn.lost or conn.transport is None:
+            return
+        for future in conn.pending.values():
+            if not future.done():
+                future.set_exception(ClientClosedError("the AsyncClient was closed during the call"))
+        conn.pending.clear()
+        conn._flush()
+        conn.transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.closed), _CLOSE_FLUSH_S)
+        except TimeoutError:
+            conn.transport.abort()
+
+    # -- the two primitives the API calls -----------------------------------------------------------
+
+    async def _call(self, method: str, params: list[Any], timeout_s: float | None, is_read: bool) -> Any:
+        if self._closed:
+            raise ClientClosedError("this AsyncClient was closed; create a new one")
+        loop = asyncio.get_running_loop()
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = loop.time() + timeout_s
+        retried = False
+        while True:
+            conn = await self._ready_connection(loop, method, deadline)
+            msgid = self._next_msgid(conn)
+            future: asyncio.Future[Any] = loop.create_future()
+            conn.pending[msgid] = future
+            timer = loop.call_at(deadline, _expire, future, method, timeout_s)
+            try:
+                conn.send(self._encoder.request(msgid, method, params), msgid)
+                reply = await future
+            except _NotSent:
+                if retried:
+                    raise self._lost(method) from None
+                retried = True
+                continue
+            except ConnectionLostError as exc:
+                if is_read and not retried and not self._closed:
+                    retried = True
+                    continue
+                raise self._lost(method) from exc.__cause__
+            finally:
+                timer.cancel()
+                # Still there if cancelled or timed out: forget it, so its reply is dropped.
+                conn.pending.pop(msgid, None)
+            return unwrap(reply[2], reply[3])
+
+    async def _notify(self, method: str, params: list[Any], timeout_s: float | None) -> None:
+        if self._closed:
+            raise ClientClosedError("this AsyncClient was closed; create a new one")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
+        payload = self._encoder.notification(method, params)
+        for attempt in (1, 2):
+            conn = await self._ready_connection(loop, method, deadline)
+            try:
+                conn.send(payload, -1)
+                return
+            except _NotSent:
+                if attempt == 2:
+                    raise self._lost(method) from None
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    async def _ready_connection(self, loop: asyncio.AbstractEventLoop, method: str, deadline: float) -> _Connection:
+        """A live connection with room in its write buffer; connects if there is none."""
+        while True:
+            conn = self._conn
+            if conn is None or conn.lost or conn.loop is not loop:
+                conn = await self._connect(loop, method, deadline)
+            if conn._drained is None:
+                return conn
+            # The daemon reads slower than we write: wait for the buffer to drain (flow control).
+            await self._bounded(conn.drain(), method, deadline)
+
+    def _next_msgid(self, conn: _Connection) -> int:
+        msgid = (self._msgid + 1) & MSGID_MASK
+        while msgid in conn.pending:  # only after a wrap-around past a call still waiting
+            msgid = (msgid + 1) & MSGID_MASK
+        self._msgid = msgid
+        return msgid
+
+    def _lost(self, method: str) -> StatefuldError:
+        if self._closed:
+            return ClientClosedError(f"{method}: the AsyncClient was closed during the call")
+        return ConnectionLostError(f"{method}: the connection to the daemon at {self.socket_path} was lost")
+
+    async def _bounded(self, awaitable: Any, method: str, deadline: float) -> Any:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await awaitable
+        except TimeoutError as exc:
+            if isinstance(exc, StatefuldError):
+                raise
+            raise ClientTimeoutError(f"{method}: timed out connecting or sending to the daemon") from exc
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, method: str, deadline: float) -> _Connection:
+        if self._connect_lock is None or self._connect_lock_loop is not loop:
+            self._connect_lock = asyncio.Lock()
+            self._connect_lock_loop = loop
+        lock = self._connect_lock
+        conn: _Connection = await self._bounded(self._connect_locked(loop, lock), method, deadline)
+        return conn
+
+    async def _connect_locked(self, loop: asyncio.AbstractEventLoop, lock: asyncio.Lock) -> _Connection:
+        async with lock:
+            # Another call may have connected while this one waited for the lock.
+            conn = self._conn
+            if conn is not None and not conn.lost and conn.loop is loop:
+                return conn
+            if self._closed:
+                raise ClientClosedError("this AsyncClient was closed; create a new one")
+            if conn is not None and not conn.lost:
+                if not conn.loop.is_closed():
+                    raise StatefuldError("this AsyncClient is in use by another event loop; make one client per loop")
+                conn.forget()
+            return await self._open(loop)
+
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        path = self.socket_path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, path)
+            _, conn = await loop.create_unix_connection(lambda: _Connection(loop, sock), sock=sock)
+        except FileNotFoundError as exc:
+            sock.close()
+            raise SocketNotFoundError(
+                f"no statefuld socket at {path}: is the daemon running? (STATEFULD_SOCKET names the path)"
+            ) from exc
+        except ConnectionRefusedError as exc:
+            sock.close()
+            raise ConnectRefusedError(f"nothing accepts on {path}: the daemon stopped or is restarting") from exc
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot connect to {path}: {exc}") from exc
+        except BaseException:  # cancelled, or the deadline passed
+            sock.close()
+            raise
+        if self._closed:  # aclose() ran while we connected
+            conn.fail(ClientClosedError("the AsyncClient was closed"))
+            raise ClientClosedError("this AsyncClient was closed; create a new one")
+        self._conn = conn
+        _connected.add(self)
+        return conn
+
+    def _forget_after_fork(self) -> None:
+        conn, self._conn = self._conn, None
+        self._connect_lock = None
+        if conn is not None:
+            conn.forget()
+
+
+_connected: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The child cannot use the parent's event loop; it will call from a new one, on a new connection.
+    for client in list(_connected):
+        client._forget_after_fork()
+    _connected.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,287 @@
+"""The blocking client: one connection, one lock, one write and one read per call."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import select
+import socket
+import threading
+import time
+import weakref
+from types import TracebackType
+from typing import Any
+
+from statefuld_client._paths import default_socket_path
+from statefuld_client._sync_api import SyncAPI
+from statefuld_client._wire import MSGID_MASK, RECV_SIZE, Decoder, Encoder, unwrap
+from statefuld_client.errors import (
+    ClientClosedError,
+    ClientTimeoutError,
+    ConnectionLostError,
+    ConnectRefusedError,
+    ProtocolError,
+    SocketNotFoundError,
+    StatefuldError,
+    TransportError,
+)
+
+DEFAULT_TIMEOUT_S = 5.0
+
+# MSG_NOSIGNAL: a daemon gone away must give EPIPE, not a SIGPIPE, even in a program that
+# restored SIGPIPE's default action.
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+# A full listen backlog (a stalled daemon) makes a non-blocking AF_UNIX connect fail with EAGAIN
+# rather than wait; we retry at this pace until the call's deadline.
+_CONNECT_RETRY_S = 0.005
+
+
+class _NotSent(Exception):
+    """The request did not reach the socket whole: the daemon cannot have run it."""
+
+
+class Client(SyncAPI):
+    """Blocking client for the statefuld daemon.
+
+    ``socket_path`` defaults to the daemon's own rule (``STATEFULD_SOCKET``, else
+    ``/run/statefuld/statefuld.sock`` or a per-user path). ``timeout_s`` is the default bound of
+    every call, connecting included; each method also takes ``timeout_s=``.
+
+    Constructing does no I/O: the connection is made by the first call, and made again by the
+    first call after the daemon restarted or the process forked. One client may be shared by any
+    number of threads; their calls take turns on the one connection (for many calls in flight at
+    once, use `AsyncClient`).
+
+    Example::
+
+        with Client() as client:
+            client.set_linked_pod("game", "alice", "lobby", 3, -1)
+            client.get_linked_pod("game", "alice", "lobby")      # 3
+    """
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        self.socket_path: str = os.fspath(socket_path) if socket_path is not None else default_socket_path()
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._poll_in = select.poll()
+        self._poll_out = select.poll()
+        self._encoder = Encoder()
+        self._decoder = Decoder()
+        self._buffer = bytearray(RECV_SIZE)
+        self._view = memoryview(self._buffer)
+        self._msgid = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "connected" if self._sock is not None else "idle"
+        return f"<Client socket_path={self.socket_path!r} {state}>"
+
+    def __enter__(self) -> Client:
+        if self._closed:
+            raise ClientClosedError("this Client was closed; create a new one")
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once `close` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close the connection; every later call raises `ClientClosedError`. Idempotent.
+
+        A call blocked in another thread is woken and raises `ClientClosedError` too.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread polling this socket
+        with self._lock:
+            self._drop()
+
+    # -- the two primitives the generated API calls ----------------------------------------------
+
+    def _call(self, method: str, params: list[Any], timeout_s: float | None, is_read: bool) -> Any:
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        self._acquire(method, deadline)
+        try:
+            retried = False
+            while True:
+                sock = self._sock or self._connect(method, deadline)
+                msgid = self._msgid = (self._msgid + 1) & MSGID_MASK
+                try:
+                    self._send(sock, self._encoder.request(msgid, method, params), method, deadline)
+                    reply = self._receive(sock, msgid, method, deadline)
+                except _NotSent as exc:
+                    self._drop()
+                    if not retried:  # nothing reached the daemon: safe for any method
+                        retried = True
+                        continue
+                    raise self._lost(method, exc) from exc.__cause__
+                except ConnectionLostError as exc:
+                    self._drop()
+                    if is_read and not retried and not self._closed:
+                        retried = True
+                        continue
+                    raise self._lost(method, exc) from exc.__cause__
+                return unwrap(reply[2], reply[3])
+        finally:
+            self._lock.release()
+
+    def _notify(self, method: str, params: list[Any], timeout_s: float | None) -> None:
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        self._acquire(method, deadline)
+        try:
+            payload = self._encoder.notification(method, params)
+            for attempt in (1, 2):
+                sock = self._sock or self._connect(method, deadline)
+                try:
+                    self._send(sock, payload, method, deadline)
+                    return
+                except _NotSent as exc:
+                    self._drop()
+                    if attempt == 2:
+                        raise self._lost(method, exc) from exc.__cause__
+        finally:
+            self._lock.release()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _acquire(self, method: str, deadline: float) -> None:
+        if self._closed:
+            raise ClientClosedError("this Client was closed; create a new one")
+        if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            raise ClientTimeoutError(f"{method}: timed out waiting for the connection, busy with other threads' calls")
+
+    def _lost(self, method: str, exc: Exception) -> StatefuldError:
+        if self._closed:
+            return ClientClosedError(f"{method}: the Client was closed during the call")
+        if isinstance(exc, ConnectionLostError):
+            return exc
+        return ConnectionLostError(f"{method}: cannot send to the daemon at {self.socket_path}: {exc.__cause__}")
+
+    def _connect(self, method: str, deadline: float) -> socket.socket:
+        if self._closed:
+            raise ClientClosedError("this Client was closed; create a new one")
+        path = self.socket_path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)  # every wait below is a poll bounded by the call's deadline
+        try:
+            while True:
+                try:
+                    sock.connect(path)
+                    break
+                except BlockingIOError:
+                    remaining_s = deadline - time.monotonic()
+                    if remaining_s <= 0:
+                        raise ClientTimeoutError(f"{method}: timed out connecting to {path} (backlog full)") from None
+                    time.sleep(min(_CONNECT_RETRY_S, remaining_s))
+        except FileNotFoundError as exc:
+            sock.close()
+            raise SocketNotFoundError(
+                f"no statefuld socket at {path}: is the daemon running? (STATEFULD_SOCKET names the path)"
+            ) from exc
+        except ConnectionRefusedError as exc:
+            sock.close()
+            raise ConnectRefusedError(f"nothing accepts on {path}: the daemon stopped or is restarting") from exc
+        except StatefuldError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot connect to {path}: {exc}") from exc
+        self._sock = sock
+        self._poll_in = select.poll()
+        self._poll_in.register(sock, select.POLLIN)
+        self._poll_out = select.poll()
+        self._poll_out.register(sock, select.POLLOUT)
+        self._decoder = Decoder()
+        _connected.add(self)
+        return sock
+
+    def _drop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            # close() without shutdown(): after a fork the parent still uses this connection.
+            sock.close()
+
+    def _wait(self, poll: select.poll, deadline: float) -> bool:
+        timeout_ms = max(math.ceil((deadline - time.monotonic()) * 1000), 0)
+        return bool(poll.poll(timeout_ms))
+
+    def _send(self, sock: socket.socket, payload: bytes, method: str, deadline: float) -> None:
+        try:
+            sent = sock.send(payload, _SEND_FLAGS)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _NotSent from exc
+        if sent == len(payload):
+            return
+        # Slow path: the socket buffer is full, the daemon is not reading.
+        view = memoryview(payload)
+        while sent < len(payload):
+            if not self._wait(self._poll_out, deadline):
+                if sent:
+                    self._drop()  # half a request on the wire: the stream is unusable
+                raise ClientTimeoutError(f"{method}: timed out sending to the daemon")
+            try:
+                sent += sock.send(view[sent:], _SEND_FLAGS)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise _NotSent from exc  # the daemon never runs half a message
+
+    def _receive(self, sock: socket.socket, msgid: int, method: str, deadline: float) -> list[Any]:
+        decoder = self._decoder
+        while True:
+            try:
+                reply = decoder.next_reply()
+            except ProtocolError:
+                self._drop()
+                raise
+            if reply is not None:
+                if reply[1] == msgid:
+                    return reply
+                continue  # the late reply of an earlier call that timed out
+            if not self._wait(self._poll_in, deadline):
+                # The connection stays: this call's late reply will be skipped by msgid.
+                raise ClientTimeoutError(f"{method}: no reply from the daemon within the timeout")
+            try:
+                n = sock.recv_into(self._buffer)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise ConnectionLostError(f"{method}: connection to the daemon lost: {exc}") from exc
+            if n == 0:
+                raise ConnectionLostError(f"{method}: the daemon closed the connection before replying")
+            decoder.feed(self._view[:n])
+
+    def _forget_after_fork(self) -> None:
+        # In the child: the parent owns the connection and may be mid-call on it (lock held, a
+        # reply on its way). Start from nothing; the next call connects anew.
+        self._lock = threading.Lock()
+        self._drop()
+
+
+_connected: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_connected):
+        client._forget_after_fork()
+    _connected.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
