@@ -133,7 +133,8 @@ class Server:
         self._listener = await asyncio.get_running_loop().create_unix_server(
             lambda: RpcProtocol(state), sock=listen_sock, backlog=_BACKLOG
         )
-        where = listen_sock.getsockname() or "(unnamed socket)"
+        name = listen_sock.getsockname()  # bytes for an abstract-namespace socket from systemd
+        where = (name if isinstance(name, str) else repr(name)) or "(unnamed socket)"
         self._announce(where, activated=bool(activated))
         systemd.notify("READY=1")
         interval_s = systemd.watchdog_interval_s()
