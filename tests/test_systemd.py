@@ -8,7 +8,8 @@
 - A daemon handed a listening socket (LISTEN_FDS/LISTEN_PID) serves on it, including the
   connections that queued before it started, and leaves the socket file to its owner.
 - The daemon runs under the parts of the unit's sandbox that can be reproduced without systemd:
-  UMask=0077 and MemoryDenyWriteExecute= (the kernel's PR_SET_MDWE).
+  UMask=0077, MemoryDenyWriteExecute= (the kernel's PR_SET_MDWE), ProtectProc=invisible with
+  ProcSubset=pid (a private /proc mounted so), the last one with its embedded Redis.
 """
 
 from __future__ import annotations
@@ -439,6 +440,37 @@ def test_daemon_runs_with_umask_0077_and_no_write_execute_memory(redis_for_syste
         status = Path(f"/proc/{daemon.proc.pid}/status").read_text()
         assert re.search(r"(?m)^Umask:\s+0077$", status), status
         assert daemon.stop() == 0, daemon.log()
+    finally:
+        daemon.cleanup()
+
+
+_PROC_SUBSET = 'mount -t proc -o subset=pid,hidepid=invisible proc /proc && exec "$@"'
+
+
+def unshare_works() -> bool:
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        return False
+    probe = subprocess.run([unshare, "--mount", "--pid", "--fork", "sh", "-c", _PROC_SUBSET, "sh", "true"],
+                           capture_output=True, timeout=10)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not unshare_works(), reason="needs root and unshare(1) to mount a private /proc")
+def test_daemon_and_embedded_redis_run_with_proc_subset_pid() -> None:
+    # ProtectProc=invisible and ProcSubset=pid: a /proc with only process directories, others' hidden.
+    directory = short_tmpdir("sfp-")
+    daemon = Daemon(None, dir=directory, args=["--data-dir", os.path.join(directory, "data")])
+    inner = Daemon.command(daemon)
+    daemon.command = lambda: [  # type: ignore[method-assign]
+        "unshare", "--mount", "--pid", "--fork", "--kill-child", "sh", "-c", _PROC_SUBSET, "sh", *inner]
+    try:
+        daemon.start()
+        assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
+        assert daemon.proc is not None
+        (main_pid,) = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text().split()
+        os.kill(int(main_pid), signal.SIGTERM)
+        assert daemon.wait(20) == 0, daemon.log()
     finally:
         daemon.cleanup()
 
