@@ -114,9 +114,14 @@ class _Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         queue = self._queue
-        if not queue or self.transport is None or self.lost:
+        transport = self.transport
+        # A closing transport (the daemon went away while we were idle) would drop the bytes; keep
+        # them queued so that connection_lost() tells their callers they were never sent.
+        if not queue or transport is None or self.lost or transport.is_closing():
             return
-        self.transport.write(queue[0] if len(queue) == 1 else b"".join(queue))
+        transport.write(queue[0] if len(queue) == 1 else b"".join(queue))
+        if transport.is_closing():
+            return  # the write itself failed (EPIPE): none of this batch left
         queue.clear()
         self._queued_ids.clear()
 
