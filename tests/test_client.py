@@ -171,7 +171,7 @@ def test_1000_coroutines_share_one_connection(daemon: Daemon) -> None:
                 for i in range(n)))
             for i, result in enumerate(mixed):
                 assert result == ((False, i) if i % 2 else {"svc": i}), (i, result)
-            assert client._conn is conn and not conn.pending
+            assert conn is not None and client._conn is conn and not conn.pending
 
     asyncio.run(scenario())
 
@@ -346,7 +346,7 @@ def test_notifications_are_executed_without_reply(flavour: str, daemon: Daemon, 
             return  # SPEC 2b not served yet: notify_pod_load has nothing to do
         assert call("notify_pod_load", ns, "lobby", 3, 42) is None
         loads = redis_db.hgetall(f"sf:{{{ns}:state:lobby}}load")
-        wait_for(lambda: redis_db.hget(f"sf:{{{ns}:state:lobby}}load", "3").startswith("42:"),  # type: ignore[union-attr]
+        wait_for(lambda: str(redis_db.hget(f"sf:{{{ns}:state:lobby}}load", "3")).startswith("42:"),
                  timeout_s=5, what=f"the load report to land (had {loads})")
 
 
