@@ -6,7 +6,9 @@ notifications, each error code, and the cases that close one connection and only
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -272,3 +274,39 @@ def test_a_peer_that_stops_sending_still_gets_its_replies(daemon: Daemon) -> Non
         assert c.closed_by_peer()
     finally:
         c.close()
+
+
+# Run by a system Python as another user: no msgpack there, so the bytes are spelled out.
+_AS_NOBODY = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+try:
+    s.sendall(bytes.fromhex(sys.argv[2]))
+    print(s.recv(100).hex() or "closed")
+except (BrokenPipeError, ConnectionResetError):
+    print("closed")
+"""
+_SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access(_SYSTEM_PYTHON, os.X_OK),
+                    reason="needs root and a system python3 to connect as another user")
+def test_peers_outside_the_allow_lists_are_disconnected(redis_server: RedisServer) -> None:
+    nobody = 65534
+
+    def ping_as_nobody(socket_path: str) -> str:
+        ping = msgpack.packb([0, 1, "ping", []]).hex()
+        done = subprocess.run([_SYSTEM_PYTHON, "-c", _AS_NOBODY, socket_path, ping], user=nobody, group=nobody,
+                              capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0, done.stderr
+        out = done.stdout.strip()
+        return out if out == "closed" else msgpack.unpackb(bytes.fromhex(out))[3]
+
+    for allowed, expected in (("1", "closed"), (str(nobody), "PONG")):
+        daemon = Daemon(redis_server.url, args=["--allow-uid", allowed, "--socket-mode", "0666"])
+        os.chmod(daemon.dir, 0o711)  # let nobody reach the socket; the allow list is what decides
+        with running(daemon):
+            assert ping_as_nobody(daemon.socket_path) == expected
+            assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")  # the daemon's own uid
