@@ -1,0 +1,362 @@
+"""One multiplexed Redis connection: the commands of an event-loop turn leave in one write.
+
+Why not redis-py on the hot path: redis-py sends a command and awaits its reply on a connection
+taken from a pool, so N concurrent requests cost N round trips and N syscall pairs, and its
+per-call Python overhead (pool checkout, retry wrapper, response callbacks) dominates a one-key
+script. Here every caller of a turn appends its RESP-encoded command (``hiredis.pack_command``)
+to one buffer, one ``transport.write`` sends them all, and ``hiredis.Reader`` parses the replies,
+which Redis returns in order, so the N-th reply answers the N-th queued future (docs/BENCHMARKS.md
+has the measured comparison).
+
+redis-py still owns everything that is not the hot path: URL parsing, TLS settings, credentials
+(``Endpoint.from_url`` / ``Endpoint.from_redis_connection`` read a redis-py connection object's
+public attributes), Sentinel and Cluster topology (callers resolve a node, then open one
+``RedisMux`` per node).
+
+Guarantees:
+- an error reply (``-NOSCRIPT``, ``-WRONGTYPE``, ``-OOM`` ...) fails only the command it answers,
+  as a ``ReplyError``;
+- a caller cancelled while its command is in flight does not disturb the order: its reply is
+  still read and dropped, never handed to another caller;
+- a lost connection fails every command in flight at once with ``Unavailable``; the next call
+  reconnects (bounded by the connect timeout; failed attempts are not repeated for
+  ``reconnect_backoff_s``, so a dead Redis costs callers no wait at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio.connection import (
+    AbstractConnection,
+    ConnectionPool,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+from redis.credentials import CredentialProvider
+
+from statefuld.errors import Unavailable
+
+# hiredis returns this object, not a reply, when the buffer holds no complete reply yet; with
+# the default (False) a RESP3 boolean reply would be indistinguishable from "need more bytes".
+_NOT_ENOUGH_DATA = object()
+_DEFAULT_CONNECT_TIMEOUT_S = 2.0
+_CLOSE_TIMEOUT_S = 2.0
+
+
+class ReplyError(Exception):
+    """A Redis error reply; ``code`` is its first word (``NOSCRIPT``, ``WRONGTYPE``, ``ERR`` ...).
+
+    hiredis builds one per error reply (``Reader(replyError=ReplyError)``) and returns it as a
+    value instead of raising inside the parser, so it reaches only the caller it answers.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def code(self) -> str:
+        return self.message.split(" ", 1)[0]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one Redis node is and how to set up a connection to it (what redis-py parsed)."""
+
+    path: str | None = None  # Unix socket; else host and port
+    host: str = "localhost"
+    port: int = 6379
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    credential_provider: CredentialProvider | None = field(default=None, repr=False)
+    client_name: str | None = None
+    connect_timeout_s: float = _DEFAULT_CONNECT_TIMEOUT_S
+
+    @classmethod
+    def from_url(cls, url: str, **redis_kwargs: Any) -> Endpoint:
+        """Parse ``url`` (and redis-py connection kwargs) exactly as redis-py does."""
+        pool = ConnectionPool.from_url(url, **redis_kwargs)
+        conn = pool.connection_class(**pool.connection_kwargs)  # no I/O: only holds the settings
+        return cls.from_redis_connection(conn)
+
+    @classmethod
+    def from_redis_connection(cls, conn: AbstractConnection, *, host: str | None = None,
+                              port: int | None = None) -> Endpoint:
+        """The settings of a (not necessarily connected) redis-py connection; ``host``/``port``
+        override its address, e.g. with a node that Sentinel or the Cluster topology named."""
+        timeout_s = conn.socket_connect_timeout or _DEFAULT_CONNECT_TIMEOUT_S
+        common: dict[str, Any] = {
+            "db": int(conn.db or 0),
+            "username": conn.username,
+            "password": conn.password,
+            "credential_provider": conn.credential_provider,
+            "client_name": conn.client_name,
+            "connect_timeout_s": float(timeout_s),
+        }
+        if isinstance(conn, UnixDomainSocketConnection):
+            return cls(path=conn.path, **common)
+        ssl_context = conn.ssl_context.get() if isinstance(conn, SSLConnection) else None
+        return cls(
+            host=host if host is not None else str(getattr(conn, "host", "localhost")),
+            port=port if port is not None else int(getattr(conn, "port", 6379)),
+            ssl_context=ssl_context,
+            **common,
+        )
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return f"unix://{self.path}"
+        return f"{'rediss' if self.ssl_context is not None else 'redis'}://{self.host}:{self.port}"
+
+
+class _Connection(asyncio.Protocol):
+    """One socket. Commands queue in ``_out`` during a turn; ``_waiting`` holds their futures in
+    the order they were written, which is the order Redis answers them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_lost: Any) -> None:
+        self._loop = loop
+        self._on_lost = on_lost
+        self._reader = hiredis.Reader(replyError=ReplyError, notEnoughData=_NOT_ENOUGH_DATA)
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._transport: asyncio.Transport | None = None
+        self.lost_reason: str | None = None
+        self.closed: asyncio.Future[None] = loop.create_future()
+        # Counters for the benchmark: commands / writes is the mean batch size.
+        self.commands = 0
+        self.writes = 0
+
+    # --- the hot path ------------------------------------------------------------------------
+
+    def send(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        # Encode before queueing: an argument of a type RESP cannot carry raises here, in the
+        # caller, and never leaves a future without a command behind it.
+        data = hiredis.pack_command(args)
+        future = self._loop.create_future()
+        if self.lost_reason is not None:
+            future.set_exception(Unavailable(self.lost_reason))
+            return future
+        self._out.append(data)
+        self._waiting.append(future)
+        if not self._flush_scheduled:
+            # Runs after every task already scheduled in this turn has had its chance to send.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out or self._transport is None:
+            return
+        self.commands += len(out)
+        self.writes += 1
+        self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        waiting = self._waiting
+        try:
+            while (reply := reader.gets()) is not _NOT_ENOUGH_DATA:
+                future = waiting.popleft()
+                if future.done():  # its caller was cancelled: the reply is consumed and dropped
+                    continue
+                if type(reply) is ReplyError:
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+        except IndexError:
+            self._fail("Redis sent a reply nobody asked for; connection dropped")
+        except hiredis.ProtocolError as exc:
+            self._fail(f"unparsable reply from Redis ({exc}); connection dropped")
+
+    # --- connection events -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def eof_received(self) -> bool:
+        return False  # Redis closed its side: close ours, connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        reason = self.lost_reason or f"connection to Redis lost ({exc or 'closed by the server'})"
+        self.lost_reason = reason
+        self._out.clear()
+        waiting = self._waiting
+        while waiting:
+            future = waiting.popleft()
+            if not future.done():
+                future.set_exception(Unavailable(reason))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._on_lost(self)
+
+    def _fail(self, reason: str) -> None:
+        self.lost_reason = reason
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self, reason: str) -> None:
+        if self.lost_reason is None:
+            self.lost_reason = reason
+        if self._transport is not None:
+            self._transport.close()
+
+
+class RedisMux:
+    """A multiplexed connection to one Redis node.
+
+    ``await mux.execute("EVALSHA", sha, 1, key, arg)`` returns the raw reply (bytes, int, list,
+    None), raises ``ReplyError`` for an error reply and ``Unavailable`` when Redis cannot be
+    reached. Nothing happens on construction; the first call (or ``connect()``) connects.
+    """
+
+    def __init__(self, endpoint: Endpoint, *, reconnect_backoff_s: float = 0.1) -> None:
+        self.endpoint = endpoint
+        self._reconnect_backoff_s = reconnect_backoff_s
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
+        self._retry_after = 0.0
+        self._last_error = ""
+        self._closed = False
+        self.commands = 0  # totals of closed connections; see stats()
+        self.writes = 0
+
+    def execute(self, *args: Any) -> Awaitable[Any]:
+        """Queue one command for this turn's write; await the result for its reply.
+
+        A plain function returning the reply's future (no coroutine per call) while connected.
+        """
+        conn = self._conn
+        if conn is not None:
+            return conn.send(args)
+        return self._execute_after_connect(args)
+
+    async def _execute_after_connect(self, args: tuple[Any, ...]) -> Any:
+        conn = await self._connection()
+        return await conn.send(args)
+
+    async def connect(self) -> None:
+        """Connect now (start-up); raises ``Unavailable`` if Redis cannot be reached."""
+        await self._connection()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def stats(self) -> dict[str, int]:
+        commands, writes = self.commands, self.writes
+        if self._conn is not None:
+            commands += self._conn.commands
+            writes += self._conn.writes
+        return {"commands": commands, "writes": writes}
+
+    async def close(self) -> None:
+        """Fail what is in flight with ``Unavailable`` and close; later calls fail at once."""
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+        conn = self._conn
+        if conn is not None:
+            conn.close("the Redis connection was closed by the daemon")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(conn.closed), _CLOSE_TIMEOUT_S)
+
+    # --- connecting --------------------------------------------------------------------------
+
+    async def _connection(self) -> _Connection:
+        if self._conn is not None:
+            return self._conn
+        if self._closed:
+            raise Unavailable("the Redis connection was closed by the daemon")
+        task = self._connecting
+        if task is None:
+            loop = asyncio.get_running_loop()
+            if loop.time() < self._retry_after:
+                raise Unavailable(self._last_error)
+            task = self._connecting = loop.create_task(self._open(loop))
+            task.add_done_callback(self._connect_done)
+        # Shielded: the connection attempt is shared, one caller's cancellation must not end it.
+        return await asyncio.shield(task)
+
+    def _connect_done(self, task: asyncio.Task[_Connection]) -> None:
+        self._connecting = None
+        if task.cancelled():
+            return
+        exc = task.exception()  # also marks it retrieved when every waiter was cancelled
+        if exc is not None:
+            self._last_error = str(exc)
+            self._retry_after = asyncio.get_running_loop().time() + self._reconnect_backoff_s
+            return
+        conn = task.result()
+        if self._closed:
+            conn.close("the Redis connection was closed by the daemon")
+        elif conn.lost_reason is None:
+            self._conn = conn
+
+    def _on_lost(self, conn: _Connection) -> None:
+        self.commands += conn.commands
+        self.writes += conn.writes
+        conn.commands = conn.writes = 0
+        if self._conn is conn:
+            self._conn = None
+
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        ep = self.endpoint
+        conn: _Connection | None = None
+
+        def factory() -> _Connection:
+            return _Connection(loop, self._on_lost)
+
+        try:
+            async with asyncio.timeout(ep.connect_timeout_s):
+                if ep.path is not None:
+                    _, conn = await loop.create_unix_connection(factory, ep.path)
+                else:
+                    _, conn = await loop.create_connection(factory, ep.host, ep.port, ssl=ep.ssl_context)
+                await self._handshake(conn)
+        except BaseException as exc:
+            if conn is not None:
+                conn.close("connection set-up failed")
+            where = ep.describe()
+            if isinstance(exc, ReplyError):
+                raise Unavailable(f"Redis at {where} refused the connection set-up: {exc.message}") from exc
+            if isinstance(exc, TimeoutError):
+                raise Unavailable(f"Redis at {where} did not answer within {ep.connect_timeout_s}s") from exc
+            if isinstance(exc, (OSError, Unavailable)):  # refused, no such socket, TLS failure, lost
+                raise Unavailable(f"cannot connect to Redis at {where}: {exc}") from exc
+            raise
+        return conn
+
+    async def _handshake(self, conn: _Connection) -> None:
+        ep = self.endpoint
+        commands: list[tuple[Any, ...]] = []
+        credentials: tuple[str, ...] | None = None
+        if ep.credential_provider is not None:
+            credentials = tuple(await ep.credential_provider.get_credentials_async())
+        elif ep.password is not None:
+            credentials = (ep.username, ep.password) if ep.username else (ep.password,)
+        if credentials:
+            commands.append(("AUTH", *credentials))
+        if ep.db:
+            commands.append(("SELECT", ep.db))
+        if ep.client_name:
+            commands.append(("CLIENT", "SETNAME", ep.client_name))
+        if commands:
+            # One write, as everything else; gather raises the first error reply.
+            await asyncio.gather(*[conn.send(command) for command in commands])
