@@ -42,6 +42,12 @@ _FEED_SLICE: Final = 64 * 1024
 
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
+# How often the deadline sweep runs while requests are in flight: a request's TIMEOUT reply
+# leaves at most this long after its deadline.
+_SWEEP_INTERVAL_S: Final = 0.01
+# The message of the cancellation the sweep sends, so a request can tell it from a shutdown's.
+_DEADLINE_PASSED: Final = "statefuld: the request's deadline passed"
+
 
 class Dispatch(Protocol):
     def __call__(self, method: str, params: list[Any], /) -> Awaitable[Any]: ...
@@ -57,8 +63,12 @@ class ServerState:
         self.max_in_flight = config.max_in_flight
         self.allow_uids = frozenset(config.allow_uid)
         self.allow_gids = frozenset(config.allow_gid)
-        # Requests and notifications being executed, daemon-wide; each removes itself when done.
-        self.tasks: set[asyncio.Task[None]] = set()
+        # Requests and notifications being executed, daemon-wide, each with its deadline; each
+        # removes itself when done. Every deadline is arrival + timeout_s, so insertion order is
+        # deadline order and the sweep only looks at the front (see _sweep_deadlines).
+        self.tasks: dict[asyncio.Task[None], float] = {}
+        self.task_done: Callable[[asyncio.Task[None]], object] = lambda task: self.tasks.pop(task, None)
+        self._sweep: asyncio.TimerHandle | None = None
         self.in_flight = 0
         self.connections: set[RpcProtocol] = set()
         self.draining = False
@@ -73,6 +83,29 @@ class ServerState:
         self._last_failure_log_s = -1.0
         self._failures_not_logged = 0
         self.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+
+    def track(self, task: asyncio.Task[None], deadline: float, loop: asyncio.AbstractEventLoop) -> None:
+        # One timer for all requests instead of asyncio.timeout_at per request: a per-request
+        # timer (a libuv timer under uvloop) and current_task() cost more than the rest of a
+        # get_linked_pod's handling in the daemon (docs/BENCHMARKS.md, profile).
+        self.tasks[task] = deadline
+        task.add_done_callback(self.task_done)
+        if self._sweep is None:
+            self._sweep = loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines, loop)
+
+    def _sweep_deadlines(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweep = None
+        now = loop.time()
+        expired = []
+        for task, deadline in self.tasks.items():
+            if deadline > now:
+                break
+            if not task.done():
+                expired.append(task)
+        for task in expired:
+            task.cancel(_DEADLINE_PASSED)
+        if self.tasks:
+            self._sweep = loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines, loop)
 
     def peer_allowed(self, uid: int, gid: int) -> bool:
         if not self.allow_uids and not self.allow_gids:
@@ -280,9 +313,9 @@ class RpcProtocol(asyncio.Protocol):
         else:
             state.requests += 1
             coro = self._request(msgid, method, params, deadline)
-        task = self._loop.create_task(coro)  # type: ignore[union-attr]
-        state.tasks.add(task)
-        task.add_done_callback(state.tasks.discard)
+        loop = self._loop
+        assert loop is not None
+        state.track(loop.create_task(coro), deadline, loop)
 
     # --- execution ---------------------------------------------------------------------------
 
@@ -290,15 +323,15 @@ class RpcProtocol(asyncio.Protocol):
         state = self._state
         try:
             try:
-                async with asyncio.timeout_at(deadline):
-                    result = await state.dispatch(method, params)
+                result = await state.dispatch(method, params)
             except RpcError as exc:
                 self._reply(msgid, exc.to_wire(), None)
-            except TimeoutError:
-                state.timeouts += 1
-                self._reply(msgid, _TIMEOUT, None)
-            except asyncio.CancelledError:
-                # Only the shutdown cancels requests (after the drain bound): say so, then stop.
+            except asyncio.CancelledError as exc:
+                # Two things cancel requests: the deadline sweep and, after the drain bound, the shutdown.
+                if exc.args == (_DEADLINE_PASSED,) or not state.draining:
+                    state.timeouts += 1
+                    self._reply(msgid, _TIMEOUT, None)
+                    return
                 self._reply(msgid, _SHUTTING_DOWN, None)
                 raise
             except Exception:
@@ -314,14 +347,15 @@ class RpcProtocol(asyncio.Protocol):
     async def _notify(self, method: str, params: list[Any], deadline: float) -> None:
         state = self._state
         try:
-            async with asyncio.timeout_at(deadline):
-                await state.dispatch(method, params)
+            await state.dispatch(method, params)
         except RpcError as exc:
             state.notification_failed(method, f"{exc.code}: {exc.message}")
-        except TimeoutError:
+        except asyncio.CancelledError as exc:
+            if exc.args != (_DEADLINE_PASSED,) and state.draining:
+                raise  # the shutdown's
             state.timeouts += 1
             state.notification_failed(method, "TIMEOUT")
-        except Exception:  # CancelledError is a BaseException and propagates
+        except Exception:
             state.internal_errors += 1
             state.notification_failed(method, "INTERNAL", traceback=True)
         finally:
