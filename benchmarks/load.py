@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import multiprocessing.connection
+import os
 import statistics
 import time
 from array import array
@@ -32,6 +33,7 @@ class Sample:
     p50_ms: float
     p99_ms: float
     calls: int
+    client_cpu_us: float  # CPU time of the load processes per call (microseconds)
 
 
 def percentile(sorted_values: array[float] | list[float], q: float) -> float:
@@ -41,18 +43,21 @@ def percentile(sorted_values: array[float] | list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def _summarize(parts: list[tuple[int, float, bytes]]) -> Sample:
+def _summarize(parts: list[tuple[int, float, float, bytes]]) -> Sample:
     latencies: list[float] = []
     ops_s = 0.0
     calls = 0
-    for count, elapsed_s, raw in parts:
+    cpu_s = 0.0
+    for count, elapsed_s, process_cpu_s, raw in parts:
         ops_s += count / elapsed_s
         calls += count
+        cpu_s += process_cpu_s
         values = array("d")
         values.frombytes(raw)
         latencies.extend(values)
     latencies.sort()
-    return Sample(ops_s, percentile(latencies, 0.50) * 1e3, percentile(latencies, 0.99) * 1e3, calls)
+    return Sample(ops_s, percentile(latencies, 0.50) * 1e3, percentile(latencies, 0.99) * 1e3, calls,
+                  cpu_s / max(calls, 1) * 1e6)
 
 
 async def _async_window(setup: AsyncSetup, process_index: int, callers: int, warmup_s: float, duration_s: float,
@@ -85,23 +90,32 @@ async def _async_window(setup: AsyncSetup, process_index: int, callers: int, war
     await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
     measuring = True
     started = clock()
+    cpu_started = time.process_time()
     await asyncio.sleep(duration_s)
     measuring = False
     elapsed = clock() - started
+    cpu = time.process_time() - cpu_started
     stopping = True
     await asyncio.gather(*tasks)
     await close()
     if errors:
         raise RuntimeError(f"{len(errors)} callers failed, first: {errors[0]!r}") from errors[0]
-    return count, elapsed, latencies.tobytes()
+    return count, elapsed, cpu, latencies.tobytes()
 
 
 def _async_worker(setup: AsyncSetup, process_index: int, callers: int, warmup_s: float, duration_s: float,
                   barrier: Any, out: multiprocessing.connection.Connection) -> None:
-    import uvloop
-
     try:
-        result = uvloop.run(_async_window(setup, process_index, callers, warmup_s, duration_s, barrier))
+        window = _async_window(setup, process_index, callers, warmup_s, duration_s, barrier)
+        # The application processes' event loop, the same for every row. asyncio by default:
+        # statefuld_client's AsyncClient refuses uvloop's transports (an isinstance assert) as of
+        # this writing; STATEFULD_BENCH_LOOP=uvloop once it does not.
+        if os.environ.get("STATEFULD_BENCH_LOOP", "asyncio") == "uvloop":
+            import uvloop
+
+            result = uvloop.run(window)
+        else:
+            result = asyncio.run(window)
         out.send(("ok", result))
     except BaseException as exc:
         barrier.abort()
@@ -123,6 +137,7 @@ def _sync_worker(setup: SyncSetup, warmup_s: float, duration_s: float, barrier: 
             iteration += 1
         barrier.wait()
         started = clock()
+        cpu_started = time.process_time()
         until = started + duration_s
         append = latencies.append
         while True:
@@ -134,8 +149,9 @@ def _sync_worker(setup: SyncSetup, warmup_s: float, duration_s: float, barrier: 
             if end >= until:
                 break
         elapsed = clock() - started
+        cpu = time.process_time() - cpu_started
         close()
-        out.send(("ok", (len(latencies), elapsed, latencies.tobytes())))
+        out.send(("ok", (len(latencies), elapsed, cpu, latencies.tobytes())))
     except BaseException as exc:
         barrier.abort()
         out.send(("error", repr(exc)))

@@ -1,0 +1,267 @@
+"""statefuld's benchmark: one command, its own Redis and daemon, every row of docs/BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/run.py [--runs 5] [--duration-s 2.5] [--markdown docs/BENCHMARKS.md]
+
+Starts a private redis-server on a Unix socket and a `statefuld serve` on it, then measures, in
+one run and interleaved (each round runs every row once, so the machine's drift hits all rows
+alike), the median over --runs rounds of:
+
+- get_linked_pod / set_linked_pod, P processes x 32 callers: statefuld (AsyncClient) against
+  direct redis-py asyncio sending the very same commands to Redis (the executor's);
+- the same at P x 128 callers against redis-benchmark's own unpipelined 50-client EVALSHA;
+- one blocking caller: statefuld's Client against redis-py's blocking client, p50 and p99;
+- a mixed workload: 89% get_linked_pod, 10% set_linked_pod, 1% batch_get_linked_pod of 100 uids;
+- the daemon's RSS idle and its peak under load, and its time from start to answering
+  `health` as ready with an external Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, HERE)
+
+import redis  # noqa: E402
+from load import Sample, run_async, run_sync  # noqa: E402
+from support import Daemon, RedisServer, rpc_call, short_tmpdir  # noqa: E402
+from workloads import seed, workloads  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class RssSampler:
+    """Peak RSS of a process while the load runs (sampled every 50 ms)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak_mb = max(self.peak_mb, rss_mb(self.pid))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def time_to_ready(redis_url: str, runs: int) -> tuple[float, float]:
+    """Median seconds from spawning `statefuld serve` to `health` answering ready; and idle RSS (MB)."""
+    times = []
+    idle = float("nan")
+    for _ in range(runs):
+        daemon = Daemon(redis_url)
+        started = time.perf_counter()
+        daemon.start(wait=False)
+        assert daemon.proc is not None
+        try:
+            while True:
+                if daemon.proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited: {daemon.log()}")
+                try:
+                    error, result = rpc_call(daemon.socket_path, "health", [], timeout_s=1.0)
+                    if error is None and result.get("ready"):
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.002)
+            times.append(time.perf_counter() - started)
+            time.sleep(1.0)
+            idle = rss_mb(daemon.proc.pid)
+        finally:
+            daemon.cleanup()
+    return statistics.median(times), idle
+
+
+def redis_benchmark(socket_path: str, command: list[str], clients: int, requests: int) -> float:
+    """redis-benchmark's own ops/s for `command`, unpipelined (-P 1), `__rand_int__` over 10,000 uids."""
+    binary = shutil.which("redis-benchmark") or "/usr/bin/redis-benchmark"
+    out = subprocess.run(
+        [binary, "-s", socket_path, "-c", str(clients), "-n", str(requests), "-r", "10000", "-P", "1",
+         "--csv", *command],
+        check=True, capture_output=True, text=True, timeout=120,
+    ).stdout
+    # --csv: a header line, then "name","rps",...
+    last = [line for line in out.splitlines() if line.strip()][-1]
+    return float(re.findall(r'"([^"]*)"', last)[1])
+
+
+@dataclass
+class Collected:
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+    benchmark_ops: list[float] = field(default_factory=list)
+    load_rss_mb: float = 0.0
+
+    def add(self, name: str, sample: Sample) -> None:
+        self.samples.setdefault(name, []).append(sample)
+        print(f"  {name}: {sample.ops_s:,.0f} ops/s p50 {sample.p50_ms:.3f} ms p99 {sample.p99_ms:.3f} ms",
+              flush=True)
+
+    def ops(self, name: str) -> float:
+        return statistics.median(s.ops_s for s in self.samples[name])
+
+    def p50(self, name: str) -> float:
+        return statistics.median(s.p50_ms for s in self.samples[name])
+
+    def p99(self, name: str) -> float:
+        return statistics.median(s.p99_ms for s in self.samples[name])
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
+    import hiredis
+    import msgpack
+    import uvloop
+
+    return (f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, "
+            f"Redis {redis_version.removeprefix('v=')}, redis-py {redis.__version__}, hiredis {hiredis.__version__}, "
+            f"uvloop {uvloop.__version__}, msgpack {'.'.join(map(str, msgpack.version))}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5, help="rounds; figures are medians over them (5)")
+    parser.add_argument("--warmup-s", type=float, default=0.5)
+    parser.add_argument("--duration-s", type=float, default=2.5, help="measured window of one row (2.5)")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--callers", type=int, default=32)
+    parser.add_argument("--callers-high", type=int, default=128)
+    parser.add_argument("--benchmark-requests", type=int, default=300_000)
+    parser.add_argument("--daemon-arg", action="append", default=[], help="extra `statefuld serve` argument")
+    parser.add_argument("--markdown", help="also write the table to this file (between the RESULTS markers)")
+    args = parser.parse_args()
+
+    redis_server = RedisServer(dir=short_tmpdir("sfb-")).start()
+    daemon: Daemon | None = None
+    try:
+        print("time to ready ...", flush=True)
+        ready_s, idle_fresh_mb = time_to_ready(redis_server.url, args.runs)
+        daemon = Daemon(redis_server.url, args=args.daemon_arg).start()
+        assert daemon.proc is not None
+        seed(daemon.socket_path)
+        time.sleep(0.5)
+        idle_mb = rss_mb(daemon.proc.pid)
+        loads = workloads(redis_server.socket_path, daemon.socket_path)
+        collected = Collected()
+        P, C, CH = args.processes, args.callers, args.callers_high
+        bench_command = loads["set_linked_pod"].benchmark_command
+        for round_ in range(args.runs):
+            print(f"round {round_ + 1}/{args.runs}", flush=True)
+            with RssSampler(daemon.proc.pid) as sampler:
+                for op in ("get_linked_pod", "set_linked_pod", "mixed"):
+                    load = loads[op]
+                    collected.add(f"{op} statefuld {P}x{C}",
+                                  run_async(load.statefuld, P, C, args.warmup_s, args.duration_s))
+                    collected.add(f"{op} direct {P}x{C}", run_async(load.direct, P, C, args.warmup_s, args.duration_s))
+                for op in ("get_linked_pod", "set_linked_pod"):
+                    collected.add(f"{op} statefuld {P}x{CH}",
+                                  run_async(loads[op].statefuld, P, CH, args.warmup_s, args.duration_s))
+            collected.load_rss_mb = max(collected.load_rss_mb, sampler.peak_mb)
+            ops = redis_benchmark(redis_server.socket_path, bench_command, 50, args.benchmark_requests)
+            collected.benchmark_ops.append(ops)
+            print(f"  redis-benchmark 50 clients: {ops:,.0f} ops/s", flush=True)
+            for op in ("get_linked_pod", "set_linked_pod"):
+                collected.add(f"{op} statefuld blocking 1", run_sync(loads[op].statefuld_sync, args.warmup_s,
+                                                                     args.duration_s))
+                collected.add(f"{op} direct blocking 1", run_sync(loads[op].direct_sync, args.warmup_s,
+                                                                  args.duration_s))
+        text = report(collected, args, ready_s, idle_mb, idle_fresh_mb, bench_command)
+        print(text)
+        if args.markdown:
+            write_markdown(args.markdown, text)
+    finally:
+        if daemon is not None:
+            daemon.cleanup()
+        redis_server.cleanup()
+    return 0
+
+
+def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: float, idle_fresh_mb: float,
+           bench_command: list[str]) -> str:
+    P, C, CH = args.processes, args.callers, args.callers_high
+    bench = statistics.median(c.benchmark_ops)
+    rows = ["| workload | statefuld ops/s | p50 ms | p99 ms | baseline | baseline ops/s | p50 ms | p99 ms |"
+            " ratio | target |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+
+    def line(name: str, base_name: str | None, base_label: str, target: str, *, latency: bool = False,
+             base_ops: float | None = None) -> None:
+        ops, p50, p99 = c.ops(name), c.p50(name), c.p99(name)
+        if base_name is not None:
+            b_ops, b_p50, b_p99 = c.ops(base_name), c.p50(base_name), c.p99(base_name)
+            ratio = p50 / b_p50 if latency else ops / b_ops
+            base_cells = f"{b_ops:,.0f} | {b_p50:.3f} | {b_p99:.3f}"
+        else:
+            assert base_ops is not None
+            ratio = ops / base_ops
+            base_cells = f"{base_ops:,.0f} | - | -"
+        ratio_text = f"{ratio:.2f}x" + (" p50" if latency else "")
+        rows.append(f"| {name} | {ops:,.0f} | {p50:.3f} | {p99:.3f} | {base_label} | {base_cells} | {ratio_text} "
+                    f"| {target} |")
+
+    for op in ("get_linked_pod", "set_linked_pod"):
+        line(f"{op} statefuld {P}x{C}", f"{op} direct {P}x{C}", f"direct redis-py asyncio {P}x{C}", ">= 4x")
+    for op in ("get_linked_pod", "set_linked_pod"):
+        line(f"{op} statefuld {P}x{CH}", None, "redis-benchmark EVALSHA, 50 clients, -P 1", ">= 1.2x",
+             base_ops=bench)
+    for op in ("get_linked_pod", "set_linked_pod"):
+        line(f"{op} statefuld blocking 1", f"{op} direct blocking 1", "redis-py blocking, 1 caller", "<= 1.2x p50",
+             latency=True)
+    line(f"mixed statefuld {P}x{C}", f"mixed direct {P}x{C}", f"direct redis-py asyncio {P}x{C}", "reported")
+    extra = [
+        "",
+        f"- daemon RSS: idle {idle_mb:.1f} MB after seeding ({idle_fresh_mb:.1f} MB fresh; target < 40 MB), "
+        f"peak under load {c.load_rss_mb:.1f} MB (target < 80 MB)",
+        f"- time from `statefuld serve` to `health` ready, external Redis: median {ready_s * 1000:.0f} ms "
+        "(target <= 1 s)",
+        f"- redis-benchmark command: `redis-benchmark -s SOCK -c 50 -n {args.benchmark_requests} -r 10000 -P 1 "
+        f"{' '.join(bench_command)}` (median {bench:,.0f} ops/s)",
+        f"- medians of {args.runs} rounds; each row {args.duration_s}s measured after {args.warmup_s}s warm-up",
+        f"- machine: {machine()}",
+    ]
+    return "\n".join(rows + extra)
+
+
+def write_markdown(path: str, text: str) -> None:
+    begin, end = "<!-- RESULTS BEGIN -->", "<!-- RESULTS END -->"
+    content = open(path).read() if os.path.exists(path) else f"{begin}\n{end}\n"
+    if begin not in content:
+        content += f"\n{begin}\n{end}\n"
+    head, rest = content.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,195 @@
+"""The benchmark's operations, each two ways: through statefuld, and straight to Redis with redis-py.
+
+"Straight to Redis" sends exactly the commands statefuld's executor sends for the operation (the
+same keys, the same Lua script by SHA), so the comparison is of the paths, not of the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio
+
+NS = "bench"
+SERVICE = "lobby"
+PREFIX = "sf"
+UIDS = 10_000
+PODS = 16
+BATCH = 100
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def uid(process: int, caller: int, iteration: int) -> str:
+    # Spread over the key space, different per caller, cheap to compute.
+    return f"user-{(process * 7919 + caller * 131 + iteration * 17) % UIDS}"
+
+
+def link_key(u: str) -> str:
+    return f"{PREFIX}:{{{NS}:lk:{u}}}{SERVICE}"
+
+
+def links_hash_key(u: str) -> str:
+    return f"{PREFIX}:{{{NS}:lk:{u}}}"
+
+
+def script_source(name: str) -> str:
+    with open(os.path.join(REPO, "lua_scripts", f"{name}.lua")) as f:
+        return f.read()
+
+
+def script_sha(name: str) -> str:
+    return hashlib.sha1(script_source(name).encode()).hexdigest()
+
+
+def pod_of(reply: Any) -> int | None:
+    return None if reply is None else int(reply)
+
+
+# --- what the executor sends, per operation ------------------------------------------------------
+
+def get_command(u: str) -> tuple[Any, ...]:
+    return ("GET", link_key(u))
+
+
+def set_command(sha: str, u: str, pod: int) -> tuple[Any, ...]:
+    return ("EVALSHA", sha, 2, links_hash_key(u), link_key(u), SERVICE, pod, -1)
+
+
+SET_SCRIPT = "set_linked_pod"
+
+
+AsyncSetup = Callable[[int], Awaitable[tuple[Callable[[int, int], Awaitable[Any]], Callable[[], Awaitable[None]]]]]
+SyncSetup = Callable[[], tuple[Callable[[int], Any], Callable[[], None]]]
+
+
+@dataclass
+class Workload:
+    statefuld: AsyncSetup
+    direct: AsyncSetup
+    statefuld_sync: SyncSetup
+    direct_sync: SyncSetup
+    benchmark_command: list[str]
+
+
+def _mixed_choice(caller: int, iteration: int) -> str:
+    # Deterministic mix: of every 100 calls of a caller, 1 batch read, 10 writes, 89 reads.
+    slot = (caller * 37 + iteration) % 100
+    return "batch" if slot == 0 else "set" if slot <= 10 else "get"
+
+
+def statefuld_async(daemon_socket: str, op: str) -> AsyncSetup:
+    async def setup(process: int) -> Any:
+        from statefuld_client import AsyncClient
+
+        client = AsyncClient(daemon_socket)
+
+        async def get(caller: int, iteration: int) -> Any:
+            return await client.get_linked_pod(NS, uid(process, caller, iteration), SERVICE)
+
+        async def set_(caller: int, iteration: int) -> Any:
+            return await client.set_linked_pod(NS, uid(process, caller, iteration), SERVICE, iteration % PODS, -1)
+
+        async def batch(caller: int, iteration: int) -> Any:
+            uids = [uid(process, caller, iteration + i) for i in range(BATCH)]
+            return await client.batch_get_linked_pod(NS, uids, SERVICE)
+
+        async def mixed(caller: int, iteration: int) -> Any:
+            kind = _mixed_choice(caller, iteration)
+            return await (get if kind == "get" else set_ if kind == "set" else batch)(caller, iteration)
+
+        return {"get_linked_pod": get, "set_linked_pod": set_, "mixed": mixed}[op], client.aclose
+
+    return setup
+
+
+def direct_async(redis_socket: str, sha: str, op: str) -> AsyncSetup:
+    async def setup(process: int) -> Any:
+        # One pool per process, as an application would have; redis-py opens a connection per
+        # concurrent caller and parses with hiredis.
+        client = redis.asyncio.Redis(unix_socket_path=redis_socket, max_connections=1024)
+
+        async def get(caller: int, iteration: int) -> Any:
+            return pod_of(await client.execute_command(*get_command(uid(process, caller, iteration))))
+
+        async def set_(caller: int, iteration: int) -> Any:
+            return pod_of(await client.execute_command(
+                *set_command(sha, uid(process, caller, iteration), iteration % PODS)))
+
+        async def batch(caller: int, iteration: int) -> Any:
+            uids = [uid(process, caller, iteration + i) for i in range(BATCH)]
+            async with client.pipeline(transaction=False) as pipe:
+                for u in uids:
+                    pipe.execute_command(*get_command(u))
+                replies = await pipe.execute()
+            result: dict[int, list[str]] = {}
+            for u, reply in zip(uids, replies, strict=True):
+                if reply is not None:
+                    result.setdefault(int(reply), []).append(u)
+            return result
+
+        async def mixed(caller: int, iteration: int) -> Any:
+            kind = _mixed_choice(caller, iteration)
+            return await (get if kind == "get" else set_ if kind == "set" else batch)(caller, iteration)
+
+        return {"get_linked_pod": get, "set_linked_pod": set_, "mixed": mixed}[op], client.aclose
+
+    return setup
+
+
+def statefuld_sync(daemon_socket: str, op: str) -> SyncSetup:
+    def setup() -> Any:
+        from statefuld_client import Client
+
+        client = Client(daemon_socket)
+        if op == "get_linked_pod":
+            def call(iteration: int) -> Any:
+                return client.get_linked_pod(NS, uid(0, 0, iteration), SERVICE)
+        else:
+            def call(iteration: int) -> Any:
+                return client.set_linked_pod(NS, uid(0, 0, iteration), SERVICE, iteration % PODS, -1)
+        return call, client.close
+
+    return setup
+
+
+def direct_sync(redis_socket: str, sha: str, op: str) -> SyncSetup:
+    def setup() -> Any:
+        client = redis.Redis(unix_socket_path=redis_socket)
+        if op == "get_linked_pod":
+            def call(iteration: int) -> Any:
+                return pod_of(client.execute_command(*get_command(uid(0, 0, iteration))))
+        else:
+            def call(iteration: int) -> Any:
+                return pod_of(client.execute_command(*set_command(sha, uid(0, 0, iteration), iteration % PODS)))
+        return call, client.close
+
+    return setup
+
+
+def workloads(redis_socket: str, daemon_socket: str) -> dict[str, Workload]:
+    sha = script_sha(SET_SCRIPT)
+    bench_set = [str(a) for a in set_command(sha, "user-__rand_int__", 3)]
+    return {
+        op: Workload(statefuld_async(daemon_socket, op), direct_async(redis_socket, sha, op),
+                     statefuld_sync(daemon_socket, op), direct_sync(redis_socket, sha, op), bench_set)
+        for op in ("get_linked_pod", "set_linked_pod", "mixed")
+    }
+
+
+def seed(daemon_socket: str) -> None:
+    """Link every benchmark uid (through the daemon, so the layout is the executor's) and load scripts."""
+    from statefuld_client import AsyncClient
+
+    async def run() -> None:
+        async with AsyncClient(daemon_socket) as client:
+            for start in range(0, UIDS, 500):
+                await asyncio.gather(*(client.set_linked_pod(NS, f"user-{i}", SERVICE, i % PODS, -1)
+                                       for i in range(start, min(UIDS, start + 500))))
+
+    asyncio.run(run())
