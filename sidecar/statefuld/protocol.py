@@ -100,7 +100,8 @@ class ServerState:
         for task, deadline in self.tasks.items():
             if deadline > now:
                 break
-            if not task.done():
+            # One cancel per task: a second one would also interrupt the cleanup the first started.
+            if not task.done() and not task.cancelling():
                 expired.append(task)
         for task in expired:
             task.cancel(_DEADLINE_PASSED)
