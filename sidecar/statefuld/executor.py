@@ -1,0 +1,352 @@
+"""Every operation of the contract as Redis work. The only module that knows Redis commands
+and key formats (docs/OPERATIONS.md has the layout, shared with the Go and Java executors).
+
+Commands reach Redis through a ``Transport``: ``execute(route_key, *args)`` sends one command
+whose keys all share ``route_key``'s hash slot. The standalone transport is one multiplexed
+connection (redis_mux: a turn's commands in one write); a cluster transport routes by slot to
+one such connection per primary. Callers of the executor never see which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Sequence
+from typing import Any, Protocol
+
+from statefuld.config import Config
+from statefuld.errors import Internal, Unavailable
+from statefuld.redis_mux import Endpoint, RedisMux, ReplyError
+from statefuld.scripts import Scripts, load_scripts
+
+log = logging.getLogger("statefuld.executor")
+
+HEALTH_TIMEOUT_S = 1.0
+# Error replies that mean "this Redis cannot serve now", not "this request is wrong".
+_UNAVAILABLE_REPLIES = frozenset({"LOADING", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "NOREPLICAS"})
+
+
+class Transport(Protocol):
+    def execute(self, route_key: str, *args: Any) -> Awaitable[Any]: ...
+    def execute_any(self, *args: Any) -> Awaitable[Any]: ...
+    def group_by_node(self, keys: Sequence[str]) -> list[list[int]]: ...
+    async def on_every_node(self, *args: Any) -> list[Any]: ...
+    async def connect(self) -> None: ...
+    async def close(self) -> None: ...
+    def describe(self) -> str: ...
+
+
+class StandaloneTransport:
+    """One Redis server (or whatever one URL names): every key lives on the one node."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._mux = RedisMux(endpoint)
+
+    def execute(self, route_key: str, *args: Any) -> Awaitable[Any]:
+        return self._mux.execute(*args)
+
+    def execute_any(self, *args: Any) -> Awaitable[Any]:
+        return self._mux.execute(*args)
+
+    def group_by_node(self, keys: Sequence[str]) -> list[list[int]]:
+        return [list(range(len(keys)))] if keys else []
+
+    async def on_every_node(self, *args: Any) -> list[Any]:
+        return [await self._mux.execute(*args)]
+
+    async def connect(self) -> None:
+        await self._mux.connect()
+
+    async def close(self) -> None:
+        await self._mux.close()
+
+    def describe(self) -> str:
+        return self._mux.endpoint.describe()
+
+    def stats(self) -> dict[str, int]:
+        return self._mux.stats()
+
+
+class Keys:
+    """The key layout (section 1 of the contract). Arguments are validated before they get here:
+    ns and service hold no ':' '{' '}', uid no '{' '}', so distinct tuples give distinct keys."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def service_state(self, ns: str, service: str) -> str:
+        return f"{self.prefix}:{{{ns}:state:{service}}}"
+
+    def pod_load(self, ns: str, service: str) -> str:
+        return f"{self.prefix}:{{{ns}:state:{service}}}load"
+
+    def workload_state(self, ns: str, service: str) -> str:
+        return f"{self.prefix}:{{{ns}:workload:{service}}}"
+
+    def link_hash(self, ns: str, uid: str) -> str:
+        return f"{self.prefix}:{{{ns}:lk:{uid}}}"
+
+    def link(self, ns: str, uid: str, service: str) -> str:
+        return f"{self.prefix}:{{{ns}:lk:{uid}}}{service}"
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def _pod_id(raw: bytes | None) -> int | None:
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise Internal("a stored pod id is not a decimal integer")
+    return int(raw)
+
+
+def _map_reply_error(exc: ReplyError) -> Exception:
+    if exc.code in _UNAVAILABLE_REPLIES:
+        return Unavailable(f"Redis cannot serve now: {exc.message[:200]}")
+    return Internal(f"Redis error: {exc.message[:200]}")
+
+
+def make_transport(config: Config) -> Transport:
+    url = config.redis_url
+    if url is None:
+        raise ValueError("no Redis URL (the embedded Redis provides one)")
+    if config.redis_mode not in ("auto", "standalone"):
+        raise ValueError(f"redis_mode {config.redis_mode!r} is not supported by this build")
+    kwargs: dict[str, Any] = {}
+    if config.redis_username:
+        kwargs["username"] = config.redis_username
+    if config.redis_password:
+        kwargs["password"] = config.redis_password
+    if url.startswith("rediss://"):
+        kwargs["ssl_ca_certs"] = config.redis_tls_ca_file
+        kwargs["ssl_certfile"] = config.redis_tls_cert_file
+        kwargs["ssl_keyfile"] = config.redis_tls_key_file
+    return StandaloneTransport(Endpoint.from_url(url, **kwargs))
+
+
+class Executor:
+    def __init__(
+        self,
+        transport: Transport,
+        scripts: Scripts,
+        keys: Keys,
+        *,
+        routable_states: Sequence[str] = ("Ready",),
+        load_stale_ms: int = 10_000,
+    ) -> None:
+        self._redis = transport
+        self._scripts = scripts
+        self.keys = keys
+        self._routable_states = tuple(routable_states)
+        self._load_stale_ms = load_stale_ms
+
+    @classmethod
+    async def connect(cls, config: Config) -> Executor:
+        """Connect (retrying until ``startup_timeout_s``), then load every script.
+
+        Raises ``Unavailable`` when Redis cannot be reached in time, ``ValueError`` for a
+        configuration Redis cannot be used with.
+        """
+        transport = make_transport(config)
+        executor = cls(
+            transport,
+            Scripts(load_scripts()),
+            Keys(config.key_prefix),
+            routable_states=config.routable_state,
+            load_stale_ms=config.load_stale_ms,
+        )
+        deadline = time.monotonic() + config.startup_timeout_s
+        delay_s = 0.05
+        while True:
+            try:
+                await transport.connect()
+                await asyncio.wait_for(transport.execute_any("PING"), HEALTH_TIMEOUT_S)
+                await executor.load_scripts()
+                return executor
+            except (Unavailable, TimeoutError, ReplyError) as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    await transport.close()
+                    if isinstance(exc, ReplyError):
+                        raise _map_reply_error(exc) from exc
+                    raise Unavailable(str(exc) or "Redis did not answer in time") from exc
+                log.warning("Redis at %s not ready yet: %s", transport.describe(), exc)
+                await asyncio.sleep(min(delay_s, remaining))
+                delay_s = min(delay_s * 2, 1.0)
+
+    async def load_scripts(self) -> None:
+        for script in self._scripts.all():
+            for sha in await self._redis.on_every_node("SCRIPT", "LOAD", script.source):
+                if _text(sha) != script.sha:
+                    raise Internal(f"Redis computed another SHA for {script.name}")
+
+    async def close(self) -> None:
+        await self._redis.close()
+
+    @property
+    def script_reloads(self) -> int:
+        return self._scripts.reloads
+
+    async def health(self) -> dict[str, Any]:
+        try:
+            await asyncio.wait_for(self._redis.execute_any("PING"), HEALTH_TIMEOUT_S)
+        except TimeoutError:
+            return {"ready": False, "redis": f"unreachable: no answer within {HEALTH_TIMEOUT_S}s"}
+        except (Unavailable, ReplyError) as exc:
+            return {"ready": False, "redis": f"unreachable: {exc}"}
+        return {"ready": True, "redis": "ok"}
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    async def _call(self, route_key: str, *args: Any) -> Any:
+        try:
+            return await self._redis.execute(route_key, *args)
+        except ReplyError as exc:
+            raise _map_reply_error(exc) from exc
+
+    async def _script(self, name: str, keys: Sequence[str], *args: Any) -> Any:
+        try:
+            return await self._scripts.run(self._redis, name, keys, args)
+        except ReplyError as exc:
+            raise _map_reply_error(exc) from exc
+
+    async def _mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        """MGET across nodes: one command per node (its keys), never one per key."""
+        values: list[bytes | None] = [None] * len(keys)
+        groups = self._redis.group_by_node(keys)
+        replies = await asyncio.gather(*[self._call(keys[g[0]], "MGET", *[keys[i] for i in g]) for g in groups])
+        for group, reply in zip(groups, replies, strict=True):
+            for index, value in zip(group, reply, strict=True):
+                values[index] = value
+        return values
+
+    # --- pod and workload states -------------------------------------------------------------
+
+    async def set_service_state(self, ns: str, service: str, pod_id: int, state: str) -> None:
+        key = self.keys.service_state(ns, service)
+        await self._call(key, "HSET", key, pod_id, state)
+
+    async def get_service_state(self, ns: str, service: str) -> dict[int, str]:
+        key = self.keys.service_state(ns, service)
+        flat = await self._call(key, "HGETALL", key)
+        # Fields that are not decimal pod ids (another tool's data) are not pods: skip them.
+        return {
+            int(flat[i]): _text(flat[i + 1])
+            for i in range(0, len(flat), 2)
+            if flat[i].isdigit() and flat[i].isascii()
+        }
+
+    async def set_workload_state(self, ns: str, service: str, state: str) -> None:
+        key = self.keys.workload_state(ns, service)
+        await self._call(key, "SET", key, state)
+
+    async def get_workload_state(self, ns: str, service: str) -> str | None:
+        key = self.keys.workload_state(ns, service)
+        raw = await self._call(key, "GET", key)
+        return None if raw is None else _text(raw)
+
+    async def get_workload_state_batch(self, ns: str, services: list[str]) -> dict[str, str]:
+        unique = list(dict.fromkeys(services))
+        values = await self._mget([self.keys.workload_state(ns, s) for s in unique])
+        return {s: _text(v) for s, v in zip(unique, values, strict=True) if v is not None}
+
+    # --- links -------------------------------------------------------------------------------
+
+    def _link_keys(self, ns: str, uid: str, service: str) -> tuple[str, str]:
+        return self.keys.link_hash(ns, uid), self.keys.link(ns, uid, service)
+
+    async def set_linked_pod(self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int) -> int | None:
+        previous = await self._script(
+            "set_linked_pod", self._link_keys(ns, uid, service), service, pod_id, persist_seconds
+        )
+        return _pod_id(previous)
+
+    async def try_set_linked_pod(
+        self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int
+    ) -> tuple[bool, int]:
+        ok, current = await self._script(
+            "try_set_linked_pod", self._link_keys(ns, uid, service), service, pod_id, persist_seconds
+        )
+        pod = _pod_id(current)
+        assert pod is not None
+        return bool(ok), pod
+
+    async def set_linked_pod_if_absent(
+        self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int
+    ) -> int:
+        current = await self._script(
+            "set_linked_pod_if_absent", self._link_keys(ns, uid, service), service, pod_id, persist_seconds
+        )
+        pod = _pod_id(current)
+        assert pod is not None
+        return pod
+
+    async def get_linked_pod(self, ns: str, uid: str, service: str) -> int | None:
+        key = self.keys.link(ns, uid, service)
+        return _pod_id(await self._call(key, "GET", key))
+
+    async def get_linked_pod_if_persist(self, ns: str, uid: str, service: str) -> int | None:
+        key = self.keys.link(ns, uid, service)
+        return _pod_id(await self._script("get_linked_pod_if_persist", (key,)))
+
+    async def batch_get_linked_pod(self, ns: str, uids: list[str], service: str) -> dict[int, list[str]]:
+        unique = list(dict.fromkeys(uids))
+        values = await self._mget([self.keys.link(ns, uid, service) for uid in unique])
+        by_pod: dict[int, list[str]] = {}
+        for uid, raw in zip(unique, values, strict=True):
+            pod = _pod_id(raw)
+            if pod is not None:
+                by_pod.setdefault(pod, []).append(uid)
+        return by_pod
+
+    async def remove_linked_pod(self, ns: str, uid: str, service: str, persist_seconds: int) -> bool:
+        existed = await self._script(
+            "remove_linked_pod", self._link_keys(ns, uid, service), service, persist_seconds
+        )
+        return bool(existed)
+
+    async def remove_linked_pod_with_id(
+        self, ns: str, uid: str, service: str, persist_seconds: int, pod_id: int
+    ) -> bool:
+        removed = await self._script(
+            "remove_linked_pod_with_id", self._link_keys(ns, uid, service), service, persist_seconds, pod_id
+        )
+        return bool(removed)
+
+    async def get_link_service(self, ns: str, uid: str) -> dict[str, int]:
+        key = self.keys.link_hash(ns, uid)
+        flat = await self._call(key, "HGETALL", key)
+        links: dict[str, int] = {}
+        for i in range(0, len(flat), 2):
+            if flat[i + 1].isdigit():
+                links[_text(flat[i])] = int(flat[i + 1])
+        return links
+
+    # --- placement (contract section 2b) -----------------------------------------------------
+
+    async def report_pod_load(self, ns: str, service: str, pod_id: int, load: int) -> None:
+        key = self.keys.pod_load(ns, service)
+        await self._script("report_pod_load", (key,), pod_id, load)
+
+    async def compute_linked_pod(self, ns: str, uid: str, service: str, persist_seconds: int) -> int | None:
+        existing = await self.get_linked_pod(ns, uid, service)
+        if existing is not None:
+            return existing  # whatever the pods' states; nothing changes, no TTL reset
+        state_key = self.keys.service_state(ns, service)
+        picked = await self._script(
+            "pick_pod",
+            (state_key, self.keys.pod_load(ns, service)),
+            self._load_stale_ms,
+            random.random(),
+            random.random(),
+            *self._routable_states,
+        )
+        if picked is None:
+            return None
+        # A second script on the user's slot: if another caller linked the user meanwhile, that
+        # link wins (set-if-absent), so no user ever has two links.
+        return await self.set_linked_pod_if_absent(ns, uid, service, int(picked), persist_seconds)

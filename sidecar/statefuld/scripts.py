@@ -1,0 +1,81 @@
+"""The Lua scripts: found inside the package, loaded once (SCRIPT LOAD), run by SHA.
+
+A script whose header says ``-- uses: LIB.lua`` gets that library file prepended, so shared
+write rules are written once in lua_scripts/ and every loaded script stays self-contained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+from statefuld.redis_mux import ReplyError
+
+_USES = re.compile(r"^-- uses: (\S+\.lua)\s*$", re.MULTILINE)
+
+
+class ScriptTransport(Protocol):
+    def execute(self, route_key: str, *args: Any) -> Awaitable[Any]: ...
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    source: str
+    sha: str
+
+
+def scripts_dir() -> Path:
+    """lua_scripts/ inside the installed wheel, else (editable install) the repository's."""
+    packaged = resources.files("statefuld") / "lua_scripts"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    repo = Path(__file__).resolve().parents[2] / "lua_scripts"
+    if repo.is_dir():
+        return repo
+    raise FileNotFoundError("the Lua scripts are missing: neither statefuld/lua_scripts nor ../lua_scripts exist")
+
+
+def load_scripts(directory: Path | None = None) -> dict[str, Script]:
+    directory = directory or scripts_dir()
+    scripts: dict[str, Script] = {}
+    for path in sorted(directory.glob("*.lua")):
+        if path.name.startswith("_"):
+            continue  # a library, prepended to the scripts that use it
+        body = path.read_text(encoding="utf-8")
+        libraries = [(directory / lib).read_text(encoding="utf-8") for lib in _USES.findall(body)]
+        source = "\n".join([*libraries, body])
+        sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+        scripts[path.stem] = Script(path.stem, source, sha)
+    return scripts
+
+
+class Scripts:
+    """Runs scripts by SHA; on NOSCRIPT (Redis restarted or flushed, a failover to a replica
+    that never saw SCRIPT LOAD) it loads the script on that node and retries once."""
+
+    def __init__(self, scripts: dict[str, Script]) -> None:
+        self._scripts = scripts
+        self.reloads = 0
+
+    def __getitem__(self, name: str) -> Script:
+        return self._scripts[name]
+
+    def all(self) -> list[Script]:
+        return list(self._scripts.values())
+
+    async def run(self, transport: ScriptTransport, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        script = self._scripts[name]
+        try:
+            return await transport.execute(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
+        except ReplyError as exc:
+            if exc.code != "NOSCRIPT":
+                raise
+        self.reloads += 1
+        await transport.execute(keys[0], "SCRIPT", "LOAD", script.source)
+        return await transport.execute(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
