@@ -95,7 +95,7 @@ def test_statefuld_socket_names_the_socket(redis_server: RedisServer) -> None:
     try:
         def answers() -> bool:
             try:
-                return rpc_call(path, "ping", [])[1] == "PONG"
+                return bool(rpc_call(path, "ping", [])[1] == "PONG")
             except OSError:
                 return False
 
