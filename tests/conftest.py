@@ -4,7 +4,6 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-
 from support import Daemon, RedisServer
 
 

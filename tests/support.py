@@ -159,7 +159,7 @@ class Daemon:
     def start(self, wait: bool = True) -> Daemon:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("STATEFULD_SOCKET", None)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         log.close()
         if wait:
