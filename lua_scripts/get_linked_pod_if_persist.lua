@@ -1,11 +1,12 @@
--- get_linked_pod_if_persist: the linked pod, but only if the link is persistent (no TTL).
+-- get_linked_pod_if_persist: the user's pod for a service, but only if the link is persistent.
 -- A script so that the value and its TTL are read at one instant.
--- uses: _link_lib.lua
--- KEYS[1] P:{NS:lk:UID}SVC   the link
--- ARGV    none
--- Reply: the pod id (bulk string), or nil when there is no link or it is temporary.
-local current = redis.call('GET', KEYS[1])
-if current and is_persistent(KEYS[1]) then
+--
+-- KEYS[1]  P:{NS:lk:UID}      hash: not read; passed so every link script is called alike
+-- KEYS[2]  P:{NS:lk:UID}SVC   string: the pod id; no TTL = persistent, a TTL = temporary
+-- ARGV     none
+-- Reply:   the pod id (bulk string), or nil when there is no link or it is temporary.
+local current = redis.call('GET', KEYS[2])
+if current and redis.call('TTL', KEYS[2]) == -1 then
   return current
 end
 return false

@@ -1,16 +1,20 @@
--- remove_linked_pod: end the user's link to a service (now, or after a linger of N seconds).
--- uses: _link_lib.lua
--- KEYS[1] P:{NS:lk:UID}      the user's persistent-link hash
--- KEYS[2] P:{NS:lk:UID}SVC   the link
--- ARGV[1] service   ARGV[2] persist_seconds (-1 = delete now, N > 0 = temporary for N more s)
--- Reply: 1 if a link existed, else 0. The service leaves the hash in both cases.
-local existed = redis.call('EXISTS', KEYS[2]) == 1
-if existed then
-  end_link(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]))
+-- remove_linked_pod: end the user's link to a service, now or after a linger of N seconds
+-- (a user who reconnects within the linger lands on the same pod).
+--
+-- KEYS[1]  P:{NS:lk:UID}      hash: service -> pod id, the user's persistent links only
+-- KEYS[2]  P:{NS:lk:UID}SVC   string: the pod id; no TTL = persistent, a TTL = temporary
+-- ARGV[1]  service (the field of KEYS[1])
+-- ARGV[2]  persist_seconds: -1 = delete now, N > 0 = keep as a temporary link for N seconds
+--          (the TTL becomes N even if more was left)
+-- Reply:   1 if the link key existed, else 0.
+local persist_seconds = tonumber(ARGV[2])
+local existed
+if persist_seconds == -1 then
+  existed = redis.call('DEL', KEYS[2])
 else
-  redis.call('HDEL', KEYS[1], ARGV[1])
+  existed = redis.call('EXPIRE', KEYS[2], persist_seconds)
 end
-if existed then
-  return 1
-end
-return 0
+-- In every case the link stops being persistent at once; done even when the key was gone,
+-- so a hash left inconsistent by another tool heals. An emptied hash is deleted by Redis.
+redis.call('HDEL', KEYS[1], ARGV[1])
+return existed

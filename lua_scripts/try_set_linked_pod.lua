@@ -1,13 +1,24 @@
 -- try_set_linked_pod: set as set_linked_pod does, unless the user already has a persistent
--- link to a different pod; then change nothing.
--- uses: _link_lib.lua
--- KEYS[1] P:{NS:lk:UID}      the user's persistent-link hash
--- KEYS[2] P:{NS:lk:UID}SVC   the link
--- ARGV[1] service   ARGV[2] pod id (decimal)   ARGV[3] persist_seconds (-1, or N > 0)
--- Reply: {1, pod id} when set; {0, current pod id} when refused.
+-- link to a different pod; then change nothing. A temporary link (a linger after a remove)
+-- does not hold the user, a persistent one does.
+--
+-- KEYS[1]  P:{NS:lk:UID}      hash: service -> pod id, the user's persistent links only
+-- KEYS[2]  P:{NS:lk:UID}SVC   string: the pod id; no TTL = persistent, a TTL = temporary
+-- ARGV[1]  service (the field of KEYS[1])
+-- ARGV[2]  pod id, decimal
+-- ARGV[3]  persist_seconds: -1 = persistent, N > 0 = temporary for N seconds
+-- Reply:   {1, pod id} when the link was set; {0, current pod id} when it was refused.
 local current = redis.call('GET', KEYS[2])
-if current and tonumber(current) ~= tonumber(ARGV[2]) and is_persistent(KEYS[2]) then
+-- Compared as numbers: another tool may have written "007" for pod 7.
+if current and tonumber(current) ~= tonumber(ARGV[2]) and redis.call('TTL', KEYS[2]) == -1 then
   return {0, current}
 end
-write_link(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]))
+local persist_seconds = tonumber(ARGV[3])
+if persist_seconds == -1 then
+  redis.call('SET', KEYS[2], ARGV[2])
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+else
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', persist_seconds)
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
 return {1, ARGV[2]}

@@ -290,8 +290,7 @@ class Executor:
         return _pod_id(await self._call(key, "GET", key))
 
     async def get_linked_pod_if_persist(self, ns: str, uid: str, service: str) -> int | None:
-        key = self.keys.link(ns, uid, service)
-        return _pod_id(await self._script("get_linked_pod_if_persist", (key,)))
+        return _pod_id(await self._script("get_linked_pod_if_persist", self._link_keys(ns, uid, service)))
 
     async def batch_get_linked_pod(self, ns: str, uids: list[str], service: str) -> dict[int, list[str]]:
         unique = list(dict.fromkeys(uids))

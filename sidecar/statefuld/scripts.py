@@ -1,13 +1,13 @@
 """The Lua scripts: found inside the package, loaded once (SCRIPT LOAD), run by SHA.
 
-A script whose header says ``-- uses: LIB.lua`` gets that library file prepended, so shared
-write rules are written once in lua_scripts/ and every loaded script stays self-contained.
+Each file is loaded exactly as it is, nothing prepended: the SHA Redis computes is the sha1 of
+the file, so the Go and Java executors, ``redis-cli --eval`` and the benchmark's direct path
+run the very same script by the very same SHA.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from statefuld.redis_mux import ReplyError
-
-_USES = re.compile(r"^-- uses: (\S+\.lua)\s*$", re.MULTILINE)
 
 
 class ScriptTransport(Protocol):
@@ -45,13 +43,9 @@ def load_scripts(directory: Path | None = None) -> dict[str, Script]:
     directory = directory or scripts_dir()
     scripts: dict[str, Script] = {}
     for path in sorted(directory.glob("*.lua")):
-        if path.name.startswith("_"):
-            continue  # a library, prepended to the scripts that use it
-        body = path.read_text(encoding="utf-8")
-        libraries = [(directory / lib).read_text(encoding="utf-8") for lib in _USES.findall(body)]
-        source = "\n".join([*libraries, body])
-        sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
-        scripts[path.stem] = Script(path.stem, source, sha)
+        # The bytes as they are (no newline translation), so the SHA is the file's own.
+        body = path.read_bytes()
+        scripts[path.stem] = Script(path.stem, body.decode("utf-8"), hashlib.sha1(body).hexdigest())
     return scripts
 
 
