@@ -183,4 +183,6 @@ class Dispatcher:
         spec, args = validate(method, params, self._config)
         if spec.name == "ping":
             return "PONG"  # the daemon is alive; Redis is not consulted
-        return await self._handlers[spec.name](*args)
+        result = await self._handlers[spec.name](*args)
+        # try_set_linked_pod's (ok, pod_id): an array on the wire, and a list for msgpack-ready.
+        return list(result) if type(result) is tuple else result
