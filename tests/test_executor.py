@@ -1,0 +1,452 @@
+"""The executor against a real redis-server: every method's result and the exact data it leaves.
+
+The keys and values checked here are the layout of SPEC section 1, the one the Go and Java
+executors read and write, so both directions are tested: what statefuld writes is that layout,
+and data written in that layout by plain Redis commands reads back correctly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import redis
+from conftest import ExecutorRun, run_async
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support import RedisServer, running
+
+from statefuld.config import Config
+from statefuld.errors import Internal, InvalidArgument, Unavailable
+from statefuld.executor import Executor, Keys
+from statefuld.rpc import check_name, check_uid
+
+NS, UID, SVC = "game", "alice", "lobby"
+HASH = "sf:{game:lk:alice}"
+LINK = "sf:{game:lk:alice}lobby"
+
+
+def keys_and_types(r: redis.Redis) -> dict[str, str]:
+    return {key: r.type(key) for key in r.keys("*")}
+
+
+# --- states ----------------------------------------------------------------------------------
+
+
+def test_service_state_is_one_hash_of_pod_id_to_state(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    async def body(ex: Executor) -> Any:
+        empty = await ex.get_service_state(NS, SVC)
+        await ex.set_service_state(NS, SVC, 3, "Ready")
+        await ex.set_service_state(NS, SVC, 12, "Draining")
+        await ex.set_service_state(NS, SVC, 3, "Ready again")
+        return empty, await ex.get_service_state(NS, SVC)
+
+    assert with_executor(body) == ({}, {3: "Ready again", 12: "Draining"})
+    assert keys_and_types(redis_db) == {"sf:{game:state:lobby}": "hash"}
+    assert redis_db.hgetall("sf:{game:state:lobby}") == {"3": "Ready again", "12": "Draining"}
+
+
+def test_service_state_skips_fields_that_are_not_decimal_pod_ids(with_executor: ExecutorRun,
+                                                                 redis_db: redis.Redis) -> None:
+    key = "sf:{game:state:lobby}"
+    redis_db.hset(key, mapping={"7": "Ready", "load": "x", "-1": "x", "": "x", "3.0": "x", "\u0663": "x"})
+    assert with_executor(lambda ex: ex.get_service_state(NS, SVC)) == {7: "Ready"}
+
+
+def test_strings_that_are_not_utf8_read_with_replacement_characters(with_executor: ExecutorRun,
+                                                                    redis_db: redis.Redis) -> None:
+    redis_db.hset("sf:{game:state:lobby}", "1", b"\xffok")
+    redis_db.set("sf:{game:workload:lobby}", b"up\xfe")
+
+    async def body(ex: Executor) -> Any:
+        return await ex.get_service_state(NS, SVC), await ex.get_workload_state(NS, SVC)
+
+    assert with_executor(body) == ({1: "\ufffdok"}, "up\ufffd")
+
+
+def test_workload_state_is_one_string_per_service(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    async def body(ex: Executor) -> Any:
+        missing = await ex.get_workload_state(NS, SVC)
+        await ex.set_workload_state(NS, SVC, "Serving")
+        await ex.set_workload_state(NS, "chat", "Stopping ünïcode")
+        single = await ex.get_workload_state(NS, SVC)
+        batch = await ex.get_workload_state_batch(NS, ["chat", "nothing", SVC, "chat"])
+        empty = await ex.get_workload_state_batch(NS, [])
+        return missing, single, batch, empty
+
+    assert with_executor(body) == (None, "Serving", {"chat": "Stopping ünïcode", SVC: "Serving"}, {})
+    assert keys_and_types(redis_db) == {"sf:{game:workload:lobby}": "string", "sf:{game:workload:chat}": "string"}
+    assert redis_db.get("sf:{game:workload:lobby}") == "Serving"
+    assert redis_db.ttl("sf:{game:workload:lobby}") == -1
+
+
+# --- links -----------------------------------------------------------------------------------
+
+
+def test_persistent_link_layout_and_reads(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    async def body(ex: Executor) -> Any:
+        return (
+            await ex.set_linked_pod(NS, UID, SVC, 3, -1),
+            await ex.set_linked_pod(NS, UID, "chat", 2147483647, -1),
+            await ex.get_linked_pod(NS, UID, SVC),
+            await ex.get_linked_pod_if_persist(NS, UID, SVC),
+            await ex.get_link_service(NS, UID),
+            await ex.set_linked_pod(NS, UID, SVC, 4, -1),
+        )
+
+    assert with_executor(body) == (None, None, 3, 3, {SVC: 3, "chat": 2147483647}, 3)
+    assert keys_and_types(redis_db) == {HASH: "hash", LINK: "string", HASH + "chat": "string"}
+    assert redis_db.hgetall(HASH) == {SVC: "4", "chat": "2147483647"}
+    assert redis_db.get(LINK) == "4" and redis_db.ttl(LINK) == -1
+
+
+def test_temporary_link_has_a_ttl_and_is_not_listed(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    async def body(ex: Executor) -> Any:
+        await ex.set_linked_pod(NS, UID, SVC, 3, -1)
+        return (
+            await ex.set_linked_pod(NS, UID, SVC, 5, 60),
+            await ex.get_linked_pod(NS, UID, SVC),
+            await ex.get_linked_pod_if_persist(NS, UID, SVC),
+            await ex.get_link_service(NS, UID),
+        )
+
+    assert with_executor(body) == (3, 5, None, {})
+    # The emptied hash is gone; the link is a string with the TTL asked for.
+    assert keys_and_types(redis_db) == {LINK: "string"}
+    assert redis_db.get(LINK) == "5"
+    assert 59_000 < redis_db.pttl(LINK) <= 60_000
+
+
+def test_try_set_linked_pod(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    async def body(ex: Executor) -> Any:
+        return (
+            await ex.try_set_linked_pod(NS, UID, SVC, 3, 60),  # absent: set (temporary)
+            await ex.try_set_linked_pod(NS, UID, SVC, 4, -1),  # temporary link: set (persistent)
+            await ex.try_set_linked_pod(NS, UID, SVC, 5, -1),  # persistent to another pod: refused
+            await ex.try_set_linked_pod(NS, UID, SVC, 4, -1),  # persistent to the same pod: ok
+        )
+
+    assert with_executor(body) == ((True, 3), (True, 4), (False, 4), (True, 4))
+    assert redis_db.get(LINK) == "4" and redis_db.ttl(LINK) == -1
+    assert redis_db.hgetall(HASH) == {SVC: "4"}
+
+
+def test_set_linked_pod_if_absent(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    async def body(ex: Executor) -> Any:
+        first = await ex.set_linked_pod_if_absent(NS, UID, SVC, 3, 60)
+        second = await ex.set_linked_pod_if_absent(NS, UID, SVC, 4, -1)
+        return first, second
+
+    assert with_executor(body) == (3, 3)
+    # The temporary link stayed exactly as it was: not made persistent, not listed.
+    assert keys_and_types(redis_db) == {LINK: "string"}
+    assert 59_000 < redis_db.pttl(LINK) <= 60_000
+
+
+def test_remove_linked_pod_now_and_with_a_linger(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    async def body(ex: Executor) -> Any:
+        await ex.set_linked_pod(NS, UID, SVC, 3, -1)
+        await ex.set_linked_pod(NS, UID, "chat", 4, -1)
+        lingered = await ex.remove_linked_pod(NS, UID, SVC, 60)
+        after_linger = (await ex.get_linked_pod(NS, UID, SVC), await ex.get_link_service(NS, UID))
+        deleted = await ex.remove_linked_pod(NS, UID, "chat", -1)
+        again = await ex.remove_linked_pod(NS, UID, "chat", -1)
+        return lingered, after_linger, deleted, again
+
+    assert with_executor(body) == (True, (3, {"chat": 4}), True, False)
+    assert keys_and_types(redis_db) == {LINK: "string"}
+    assert 59_000 < redis_db.pttl(LINK) <= 60_000
+
+
+def test_a_linger_really_expires(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    async def body(ex: Executor) -> Any:
+        await ex.set_linked_pod(NS, UID, SVC, 3, -1)
+        assert await ex.remove_linked_pod(NS, UID, SVC, 1)
+        assert await ex.get_linked_pod(NS, UID, SVC) == 3  # a reconnect within the linger
+        assert 0 < redis_db.pttl(LINK) <= 1000
+        deadline = time.monotonic() + 3
+        while await ex.get_linked_pod(NS, UID, SVC) is not None:
+            assert time.monotonic() < deadline, "the linger did not expire"
+            await asyncio.sleep(0.05)
+
+    with_executor(body)
+    assert redis_db.dbsize() == 0
+
+
+def test_remove_linked_pod_with_id(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    async def body(ex: Executor) -> Any:
+        await ex.set_linked_pod(NS, UID, SVC, 3, -1)
+        wrong_pod = await ex.remove_linked_pod_with_id(NS, UID, SVC, -1, 4)
+        unchanged = (await ex.get_linked_pod_if_persist(NS, UID, SVC), await ex.get_link_service(NS, UID))
+        right_pod = await ex.remove_linked_pod_with_id(NS, UID, SVC, 30, 3)
+        no_link = await ex.remove_linked_pod_with_id(NS, "bob", SVC, -1, 3)
+        return wrong_pod, unchanged, right_pod, no_link
+
+    assert with_executor(body) == (False, (3, {SVC: 3}), True, False)
+    assert keys_and_types(redis_db) == {LINK: "string"}
+    assert 29_000 < redis_db.pttl(LINK) <= 30_000
+
+
+def test_batch_get_linked_pod_groups_by_pod_in_input_order(with_executor: ExecutorRun) -> None:
+    async def body(ex: Executor) -> Any:
+        await ex.set_linked_pod(NS, "c", SVC, 3, -1)
+        await ex.set_linked_pod(NS, "a", SVC, 3, 60)  # temporary links count as links
+        await ex.set_linked_pod(NS, "b", SVC, 5, -1)
+        await ex.set_linked_pod(NS, "x", "chat", 5, -1)  # another service: x is unlinked here
+        return (await ex.batch_get_linked_pod(NS, ["c", "x", "b", "a", "c", "nobody"], SVC),
+                await ex.batch_get_linked_pod(NS, [], SVC))
+
+    grouped, empty = with_executor(body)
+    assert grouped == {3: ["c", "a"], 5: ["b"]}
+    assert empty == {}
+
+
+def test_get_link_service_lists_persistent_links_only(with_executor: ExecutorRun) -> None:
+    async def body(ex: Executor) -> Any:
+        await ex.set_linked_pod(NS, UID, SVC, 3, -1)
+        await ex.set_linked_pod(NS, UID, "chat", 0, -1)
+        await ex.set_linked_pod(NS, UID, "voice", 7, 60)
+        await ex.set_linked_pod(NS, "bob", "trade", 8, -1)
+        return await ex.get_link_service(NS, UID), await ex.get_link_service(NS, "nobody")
+
+    assert with_executor(body) == ({SVC: 3, "chat": 0}, {})
+
+
+# --- compatibility with the other executors' data ----------------------------------------------
+
+
+def test_data_written_by_plain_redis_commands_in_the_shared_layout(with_executor: ExecutorRun,
+                                                                  redis_db: redis.Redis) -> None:
+    # What the Go executor leaves behind, written here command by command.
+    redis_db.hset("sf:{shop:state:cart}", mapping={"0": "Ready", "1": "Starting"})
+    redis_db.set("sf:{shop:workload:cart}", "Serving")
+    redis_db.set("sf:{shop:lk:user 1}cart", "1")
+    redis_db.hset("sf:{shop:lk:user 1}", "cart", "1")
+    redis_db.set("sf:{shop:lk:user 1}pay", "0", ex=100)
+    redis_db.set("sf:{shop:lk:u:2}cart", "0")
+    redis_db.hset("sf:{shop:lk:u:2}", "cart", "0")
+
+    async def body(ex: Executor) -> Any:
+        return (
+            await ex.get_service_state("shop", "cart"),
+            await ex.get_workload_state("shop", "cart"),
+            await ex.get_workload_state_batch("shop", ["cart"]),
+            await ex.get_linked_pod("shop", "user 1", "cart"),
+            await ex.get_linked_pod_if_persist("shop", "user 1", "cart"),
+            await ex.get_linked_pod_if_persist("shop", "user 1", "pay"),
+            await ex.get_linked_pod("shop", "user 1", "pay"),
+            await ex.batch_get_linked_pod("shop", ["user 1", "u:2"], "cart"),
+            await ex.get_link_service("shop", "user 1"),
+            await ex.try_set_linked_pod("shop", "u:2", "cart", 1, -1),
+            await ex.remove_linked_pod_with_id("shop", "user 1", "cart", -1, 1),
+        )
+
+    assert with_executor(body) == (
+        {0: "Ready", 1: "Starting"}, "Serving", {"cart": "Serving"}, 1, 1, None, 0,
+        {1: ["user 1"], 0: ["u:2"]}, {"cart": 1}, (False, 0), True,
+    )
+    assert redis_db.hgetall("sf:{shop:lk:user 1}") == {}
+    assert redis_db.get("sf:{shop:lk:user 1}pay") == "0"
+
+
+def test_key_prefix_is_configurable(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    redis_db.set("sf:{game:lk:alice}lobby", "9")  # another deployment's data under the default prefix
+
+    async def body(ex: Executor) -> Any:
+        before = await ex.get_linked_pod(NS, UID, SVC)
+        await ex.set_linked_pod(NS, UID, SVC, 3, -1)
+        await ex.set_service_state(NS, SVC, 3, "Ready")
+        await ex.set_workload_state(NS, SVC, "Serving")
+        return before, await ex.get_linked_pod(NS, UID, SVC)
+
+    assert with_executor(body, key_prefix="tenant7") == (None, 3)
+    assert keys_and_types(redis_db) == {
+        "sf:{game:lk:alice}lobby": "string",
+        "tenant7:{game:lk:alice}": "hash",
+        "tenant7:{game:lk:alice}lobby": "string",
+        "tenant7:{game:state:lobby}": "hash",
+        "tenant7:{game:workload:lobby}": "string",
+    }
+    assert redis_db.get("sf:{game:lk:alice}lobby") == "9"
+
+
+def _valid(check: Any, value: str) -> bool:
+    try:
+        check("p", value)
+    except InvalidArgument:
+        return False
+    return True
+
+
+# Small alphabets rich in what could make keys collide: the layout's own words, separators,
+# braces, spaces and non-ASCII; validation then keeps only the tuples the daemon would accept.
+def _strings(parts: list[str], max_parts: int) -> st.SearchStrategy[str]:
+    return st.lists(st.sampled_from(parts), min_size=1, max_size=max_parts).map("".join)
+
+
+_NAMES = _strings(["a", "lk", "state", "workload", "é", ":", "}"], 4).filter(lambda s: _valid(check_name, s))
+_UIDS = _strings(["a", "lk", "state", "é", ":", " ", "\u3000", "{", "}"], 6).filter(lambda s: _valid(check_uid, s))
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=st.tuples(_NAMES, _UIDS, _NAMES), b=st.tuples(_NAMES, _UIDS, _NAMES))
+def test_distinct_valid_tuples_never_share_a_key(a: tuple[str, str, str], b: tuple[str, str, str]) -> None:
+    keys = Keys("sf")
+
+    def all_keys(ns: str, uid: str, service: str) -> dict[str, tuple[Any, ...]]:
+        # Each key with the part of the tuple it stands for.
+        return {
+            keys.link(ns, uid, service): ("link", ns, uid, service),
+            keys.link_hash(ns, uid): ("links", ns, uid),
+            keys.service_state(ns, service): ("state", ns, service),
+            keys.workload_state(ns, service): ("workload", ns, service),
+        }
+
+    of_a, of_b = all_keys(*a), all_keys(*b)
+    for key, meaning in of_a.items():
+        if key in of_b:
+            assert of_b[key] == meaning, f"{a} and {b} share {key!r}"
+    # Every key of one user lies in one Cluster slot: the same hash tag.
+    assert keys.link(*a).startswith(keys.link_hash(a[0], a[1]))
+
+
+# --- atomicity, script loading ----------------------------------------------------------------
+
+
+def test_concurrent_set_if_absent_agree_on_one_pod(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    async def body(ex: Executor) -> Any:
+        return await asyncio.gather(*(ex.set_linked_pod_if_absent(NS, UID, SVC, pod, -1) for pod in range(200)))
+
+    results = with_executor(body)
+    assert len(set(results)) == 1
+    assert redis_db.get(LINK) == str(results[0])
+    assert redis_db.hgetall(HASH) == {SVC: str(results[0])}
+
+
+def test_scripts_flushed_from_redis_are_reloaded_invisibly(with_executor: ExecutorRun,
+                                                           redis_db: redis.Redis) -> None:
+    async def body(ex: Executor) -> Any:
+        await ex.set_linked_pod(NS, UID, SVC, 3, -1)
+        redis_db.script_flush()
+        # Every script kind, concurrently: each NOSCRIPT is answered by a reload and one retry.
+        results = await asyncio.gather(
+            ex.set_linked_pod(NS, UID, SVC, 4, -1),
+            ex.get_linked_pod_if_persist(NS, "bob", SVC),
+            ex.try_set_linked_pod(NS, "carol", SVC, 1, -1),
+        )
+        redis_db.script_flush()
+        return results, await ex.remove_linked_pod(NS, UID, SVC, -1), ex.script_reloads
+
+    results, removed, reloads = with_executor(body)
+    assert results == [3, None, (True, 1)]
+    assert removed is True
+    assert reloads >= 4
+    assert redis_db.get(LINK) is None
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_redis_errors_are_internal_and_do_not_echo_user_data(with_executor: ExecutorRun,
+                                                             redis_db: redis.Redis) -> None:
+    uid = "secret-user-4711"
+    redis_db.set(f"sf:{{game:lk:{uid}}}", "not a hash")  # another tool's key of the wrong type
+    redis_db.set("sf:{game:state:lobby}", "not a hash")
+    redis_db.set(f"sf:{{game:lk:{uid}}}chat", "garbage-4712")
+
+    async def body(ex: Executor) -> list[BaseException]:
+        calls = [
+            ex.set_linked_pod(NS, uid, SVC, 3, -1),
+            ex.get_link_service(NS, uid),
+            ex.get_service_state(NS, SVC),
+            ex.get_linked_pod(NS, uid, "chat"),
+        ]
+        errors = []
+        for call in calls:
+            with pytest.raises(Internal) as info:
+                await call
+            errors.append(info.value)
+        return errors
+
+    for error in with_executor(body):
+        assert uid not in error.message and "4712" not in error.message, error.message
+
+
+def test_connect_gives_up_with_unavailable_after_the_startup_timeout() -> None:
+    config = Config(redis_url="unix:///nonexistent/redis.sock", startup_timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        run_async(lambda: Executor.connect(config))
+    assert time.monotonic() - started < 3
+
+
+def test_connect_honours_username_and_password() -> None:
+    # A second ACL user beside the default one (the fixture's readiness probe uses the default).
+    with running(RedisServer(extra_args=["--user", "alice", "on", ">s3cret", "~*", "&*", "+@all"])) as server:
+        good = Config(redis_url=server.url, redis_username="alice", redis_password="s3cret", startup_timeout_s=5)
+        bad = Config(redis_url=server.url, redis_username="alice", redis_password="wrong", startup_timeout_s=0.3)
+
+        async def use(config: Config) -> Any:
+            ex = await Executor.connect(config)
+            try:
+                await ex.set_workload_state(NS, SVC, "Serving")
+                return await ex.health()
+            finally:
+                await ex.close()
+
+        assert run_async(lambda: use(good)) == {"ready": True, "redis": "ok"}
+        assert server.client().get("sf:{game:workload:lobby}") == "Serving"
+        with pytest.raises(Unavailable):
+            run_async(lambda: use(bad))
+
+
+def test_a_dead_redis_is_unavailable_fast_and_unhealthy() -> None:
+    with running(RedisServer()) as server:
+        async def body() -> Any:
+            ex = await Executor.connect(Config(redis_url=server.url, startup_timeout_s=5))
+            try:
+                await ex.set_linked_pod(NS, UID, SVC, 3, -1)
+                server.kill()
+                for _ in range(3):  # the lost connection, then each reconnect attempt
+                    started = time.monotonic()
+                    with pytest.raises(Unavailable):
+                        await ex.get_linked_pod(NS, UID, SVC)
+                    assert time.monotonic() - started < 0.5
+                health = await ex.health()
+            finally:
+                await ex.close()
+            return health
+
+        health = run_async(body)
+        assert health["ready"] is False and health["redis"].startswith("unreachable")
+
+
+def test_a_hung_redis_leaves_health_bounded_and_no_stale_reply_after_cancel() -> None:
+    with running(RedisServer()) as server:
+        async def body() -> Any:
+            ex = await Executor.connect(Config(redis_url=server.url, startup_timeout_s=5))
+            try:
+                await ex.set_linked_pod(NS, "one", SVC, 1, -1)
+                await ex.set_linked_pod(NS, "two", SVC, 2, -1)
+                server.pause()
+                try:
+                    with pytest.raises(TimeoutError):  # what the server's deadline does to a call
+                        async with asyncio.timeout(0.2):
+                            await ex.get_linked_pod(NS, "one", SVC)
+                    started = time.monotonic()
+                    health = await ex.health()
+                    health_s = time.monotonic() - started
+                finally:
+                    server.resume()
+                # The cancelled call's reply arrives now; it must not answer this call.
+                answer = await ex.get_linked_pod(NS, "two", SVC)
+                return health, health_s, answer, await ex.health()
+            finally:
+                await ex.close()
+
+        health, health_s, answer, later = run_async(body)
+        assert health["ready"] is False and health_s < 1.5
+        assert answer == 2
+        assert later == {"ready": True, "redis": "ok"}
