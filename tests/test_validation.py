@@ -1,0 +1,226 @@
+"""Argument validation (SPEC section 2, "Arguments") and the dispatcher in front of the executor.
+
+validate() is pure, so most cases need no Redis; the dispatcher tests prove on a real Redis that
+a rejected call sends nothing at all (no key, and no command counted by Redis).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+from conftest import ExecutorRun, run_async
+from support import RedisServer, running
+
+from statefuld.config import Config
+from statefuld.errors import InvalidArgument, UnknownMethod
+from statefuld.executor import Executor
+from statefuld.rpc import METHODS, Dispatcher, validate
+
+CONFIG = Config(max_list_items=3)
+SURROGATE = b"a\xffb".decode("utf-8", "surrogateescape")  # how the wire layer hands over non-UTF-8
+
+# Valid params of every method, in the contract's order; each case below spoils one of them.
+VALID: dict[str, list[Any]] = {
+    "ping": [],
+    "health": [],
+    "set_service_state": ["game", "lobby", 3, "Ready"],
+    "get_service_state": ["game", "lobby"],
+    "set_workload_state": ["game", "lobby", "Serving"],
+    "get_workload_state": ["game", "lobby"],
+    "get_workload_state_batch": ["game", ["lobby", "chat"]],
+    "set_linked_pod": ["game", "alice", "lobby", 3, -1],
+    "try_set_linked_pod": ["game", "alice", "lobby", 3, 60],
+    "set_linked_pod_if_absent": ["game", "alice", "lobby", 3, -1],
+    "get_linked_pod": ["game", "alice", "lobby"],
+    "get_linked_pod_if_persist": ["game", "alice", "lobby"],
+    "batch_get_linked_pod": ["game", ["alice", "bob"], "lobby"],
+    "remove_linked_pod": ["game", "alice", "lobby", -1],
+    "remove_linked_pod_with_id": ["game", "alice", "lobby", 30, 3],
+    "get_link_service": ["game", "alice"],
+}
+# Placement (section 2b) belongs to a later issue; the table may already carry it.
+SECTION_2 = set(VALID)
+
+BAD_NAMES = [
+    "", "a" * 129, "é" * 65, "a:b", "a{b", "a}b", "a b", "a\tb", "a\nb", "\u3000", "a\u2028b", "a\u00a0b",
+    "a\x00b", "a\x7fb", "a\x85b", "a\x9fb", SURROGATE, 5, None, b"lobby", ["lobby"], True,
+]
+GOOD_NAMES = ["a", "a" * 128, "é" * 64, "lobby-1_EU.west", "ゲーム", "a/b#c"]
+BAD_UIDS = ["", "a" * 257, "é" * 129, "a{b", "a}b", "a\x00b", "a\nb", "a\tb", "a\x7fb", "a\x9fb", SURROGATE,
+            7, None, b"alice"]
+GOOD_UIDS = ["a", "a" * 256, "é" * 128, "user 1", "u:2", " ", "a\u3000b", "mail@example.com"]
+BAD_POD_IDS = [-1, 2**31, 2**64, True, False, 1.0, "3", None]
+GOOD_POD_IDS = [0, 1, 2**31 - 1]
+BAD_PERSIST = [0, -2, 2**31, True, 1.5, "60", None]
+GOOD_PERSIST = [-1, 1, 2**31 - 1]
+BAD_STATES = ["", "a" * 4097, "é" * 2049, SURROGATE, 1, None, b"Ready"]
+GOOD_STATES = ["a", "a" * 4096, "é" * 2048, "Draining: {0} left\n"]
+
+BAD_BY_KIND = {"ns": BAD_NAMES, "service": BAD_NAMES, "uid": BAD_UIDS, "pod_id": BAD_POD_IDS,
+               "persist_seconds": BAD_PERSIST, "state": BAD_STATES}
+GOOD_BY_KIND = {"ns": GOOD_NAMES, "service": GOOD_NAMES, "uid": GOOD_UIDS, "pod_id": GOOD_POD_IDS,
+                "persist_seconds": GOOD_PERSIST, "state": GOOD_STATES}
+
+
+def spoiled_calls() -> list[tuple[str, list[Any], str]]:
+    """(method, params, the parameter the error must name) for every bad value of every param."""
+    calls = []
+    for method, params in VALID.items():
+        for index, name in enumerate(METHODS[method].params):
+            if name in ("services", "uids"):
+                kind = "service" if name == "services" else "uid"
+                bad_lists: list[Any] = ["lobby", None, {"a": 1}, ("a",), ["a"] * 4]
+                bad_lists += [[params[index][0], value] for value in BAD_BY_KIND[kind]]
+                for value in bad_lists:
+                    calls.append((method, [*params[:index], value, *params[index + 1:]], name))
+                continue
+            for value in BAD_BY_KIND[name]:
+                calls.append((method, [*params[:index], value, *params[index + 1:]], name))
+    return calls
+
+
+SPOILED = spoiled_calls()
+
+
+def test_the_method_table_is_the_contract() -> None:
+    assert SECTION_2 <= set(METHODS)
+    expected = {
+        "set_service_state": ("ns", "service", "pod_id", "state"),
+        "get_workload_state_batch": ("ns", "services"),
+        "batch_get_linked_pod": ("ns", "uids", "service"),
+        "remove_linked_pod_with_id": ("ns", "uid", "service", "persist_seconds", "pod_id"),
+        "get_link_service": ("ns", "uid"),
+    }
+    for method, params in expected.items():
+        assert METHODS[method].params == params
+
+
+@pytest.mark.parametrize(("method", "params", "param"), SPOILED,
+                         ids=[f"{m}-{p}-{i}" for i, (m, _, p) in enumerate(SPOILED)])
+def test_every_bad_value_is_invalid_argument_naming_its_parameter(method: str, params: list[Any],
+                                                                  param: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate(method, params, CONFIG)
+    # The message leads with the parameter's name (list items as "uids[1]").
+    assert info.value.message.startswith(param), info.value.message
+    assert info.value.to_wire()["code"] == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("kind", sorted(GOOD_BY_KIND))
+def test_values_at_the_edges_of_the_rules_are_accepted(kind: str) -> None:
+    for method, params in VALID.items():
+        names = METHODS[method].params
+        if kind not in names:
+            continue
+        index = names.index(kind)
+        for value in GOOD_BY_KIND[kind]:
+            _, args = validate(method, [*params[:index], value, *params[index + 1:]], CONFIG)
+            assert args[index] == value
+
+
+def test_valid_calls_pass_unchanged() -> None:
+    for method, params in VALID.items():
+        spec, args = validate(method, list(params), CONFIG)
+        assert spec.name == method and list(args) == params
+
+
+def test_lists_up_to_the_configured_size() -> None:
+    assert validate("batch_get_linked_pod", ["g", ["a", "b", "c"], "s"], CONFIG)[1][1] == ["a", "b", "c"]
+    assert validate("batch_get_linked_pod", ["g", [], "s"], CONFIG)[1][1] == []
+    with pytest.raises(InvalidArgument, match="uids"):
+        validate("batch_get_linked_pod", ["g", ["a"] * 4, "s"], CONFIG)
+    # The default bound is the contract's 10,000.
+    assert len(validate("get_workload_state_batch", ["g", ["s"] * 10_000], Config())[1][1]) == 10_000
+    with pytest.raises(InvalidArgument, match="services"):
+        validate("get_workload_state_batch", ["g", ["s"] * 10_001], Config())
+
+
+@pytest.mark.parametrize("method", sorted(SECTION_2))
+def test_wrong_arity_is_invalid_argument(method: str) -> None:
+    params = VALID[method]
+    for wrong in (params[:-1] if params else None, [*params, "extra"]):
+        if wrong is None:
+            continue
+        with pytest.raises(InvalidArgument) as info:
+            validate(method, wrong, CONFIG)
+        assert method in info.value.message
+
+
+@pytest.mark.parametrize("params", [None, {}, "ns", ("game", "lobby"), 3])
+def test_params_that_are_not_an_array_are_invalid_argument(params: Any) -> None:
+    with pytest.raises(InvalidArgument):
+        validate("get_service_state", params, CONFIG)
+
+
+@pytest.mark.parametrize("method", ["nope", "", "PING", "get_linked_pod ", None, 5, b"ping", ["ping"]])
+def test_unknown_methods(method: Any) -> None:
+    with pytest.raises(UnknownMethod) as info:
+        validate(method, [], CONFIG)
+    assert info.value.to_wire()["code"] == "UNKNOWN_METHOD"
+
+
+# --- the dispatcher on a real Redis ------------------------------------------------------------
+
+
+def command_counts(r: redis.Redis) -> dict[str, int]:
+    stats = r.info("commandstats")
+    # Our own INFO calls are counted too; everything else must stay as it was.
+    return {name: int(value["calls"]) for name, value in stats.items() if name != "cmdstat_info"}
+
+
+def test_rejected_calls_send_nothing_to_redis(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    async def body(ex: Executor) -> Any:
+        dispatcher = Dispatcher(ex, CONFIG)
+        before = command_counts(redis_db)
+        for method, params, param in SPOILED:
+            with pytest.raises(InvalidArgument, match=param):
+                await dispatcher.dispatch(method, params)
+        for method in ("nope", None):
+            with pytest.raises(UnknownMethod):
+                await dispatcher.dispatch(method, [])
+        with pytest.raises(InvalidArgument):
+            await dispatcher.dispatch("set_linked_pod", ["game", "alice", "lobby", 3])
+        return before, command_counts(redis_db)
+
+    before, after = with_executor(body)
+    assert after == before
+    assert redis_db.dbsize() == 0
+
+
+def test_dispatch_results_are_msgpack_ready(with_executor: ExecutorRun) -> None:
+    async def body(ex: Executor) -> Any:
+        d = Dispatcher(ex, CONFIG).dispatch
+        return [
+            await d("ping", []),
+            await d("set_service_state", ["game", "lobby", 3, "Ready"]),
+            await d("get_service_state", ["game", "lobby"]),
+            await d("set_linked_pod", ["game", "alice", "lobby", 3, -1]),
+            await d("try_set_linked_pod", ["game", "alice", "lobby", 4, -1]),
+            await d("batch_get_linked_pod", ["game", ["alice", "bob"], "lobby"]),
+            await d("get_link_service", ["game", "alice"]),
+            await d("remove_linked_pod", ["game", "alice", "lobby", -1]),
+            await d("health", []),
+        ]
+
+    assert with_executor(body) == [
+        "PONG", None, {3: "Ready"}, None, [False, 3], {3: ["alice"]}, {"lobby": 3}, True,
+        {"ready": True, "redis": "ok"},
+    ]
+
+
+def test_ping_does_not_need_redis() -> None:
+    with running(RedisServer()) as server:
+        async def body() -> Any:
+            ex = await Executor.connect(Config(redis_url=server.url, startup_timeout_s=5))
+            try:
+                server.kill()
+                dispatcher = Dispatcher(ex, CONFIG)
+                return await dispatcher.dispatch("ping", []), await dispatcher.dispatch("health", [])
+            finally:
+                await ex.close()
+
+        pong, health = run_async(body)
+    assert pong == "PONG"
+    assert health["ready"] is False
