@@ -29,7 +29,7 @@ LINK = "sf:{game:lk:alice}lobby"
 
 
 def keys_and_types(r: redis.Redis) -> dict[str, str]:
-    return {key: r.type(key) for key in r.keys("*")}
+    return {str(key): str(r.type(key)) for key in r.keys("*")}
 
 
 # --- states ----------------------------------------------------------------------------------
@@ -356,7 +356,7 @@ def test_redis_errors_are_internal_and_do_not_echo_user_data(with_executor: Exec
     redis_db.set("sf:{game:state:lobby}", "not a hash")
     redis_db.set(f"sf:{{game:lk:{uid}}}chat", "garbage-4712")
 
-    async def body(ex: Executor) -> list[BaseException]:
+    async def body(ex: Executor) -> list[Internal]:
         calls = [
             ex.set_linked_pod(NS, uid, SVC, 3, -1),
             ex.get_link_service(NS, uid),

@@ -58,9 +58,9 @@ GOOD_PERSIST = [-1, 1, 2**31 - 1]
 BAD_STATES = ["", "a" * 4097, "é" * 2049, SURROGATE, 1, None, b"Ready"]
 GOOD_STATES = ["a", "a" * 4096, "é" * 2048, "Draining: {0} left\n"]
 
-BAD_BY_KIND = {"ns": BAD_NAMES, "service": BAD_NAMES, "uid": BAD_UIDS, "pod_id": BAD_POD_IDS,
+BAD_BY_KIND: dict[str, list[Any]] = {"ns": BAD_NAMES, "service": BAD_NAMES, "uid": BAD_UIDS, "pod_id": BAD_POD_IDS,
                "persist_seconds": BAD_PERSIST, "state": BAD_STATES}
-GOOD_BY_KIND = {"ns": GOOD_NAMES, "service": GOOD_NAMES, "uid": GOOD_UIDS, "pod_id": GOOD_POD_IDS,
+GOOD_BY_KIND: dict[str, list[Any]] = {"ns": GOOD_NAMES, "service": GOOD_NAMES, "uid": GOOD_UIDS, "pod_id": GOOD_POD_IDS,
                 "persist_seconds": GOOD_PERSIST, "state": GOOD_STATES}
 
 
@@ -177,9 +177,9 @@ def test_rejected_calls_send_nothing_to_redis(with_executor: ExecutorRun, redis_
         for method, params, param in SPOILED:
             with pytest.raises(InvalidArgument, match=param):
                 await dispatcher.dispatch(method, params)
-        for method in ("nope", None):
+        for unknown in ("nope", None):
             with pytest.raises(UnknownMethod):
-                await dispatcher.dispatch(method, [])
+                await dispatcher.dispatch(unknown, [])
         with pytest.raises(InvalidArgument):
             await dispatcher.dispatch("set_linked_pod", ["game", "alice", "lobby", 3])
         return before, command_counts(redis_db)
