@@ -216,13 +216,18 @@ def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: floa
     def line(name: str, base_name: str | None, base_label: str, target: str, *, latency: bool = False,
              base_ops: float | None = None) -> None:
         ops, p50, p99 = c.ops(name), c.p50(name), c.p99(name)
+        # The ratio is the median of each round's ratio: the two rows of a round ran side by side,
+        # so a noisy neighbour that slows a whole round cancels out of it.
+        mine = c.samples[name]
         if base_name is not None:
             b_ops, b_p50, b_p99 = c.ops(base_name), c.p50(base_name), c.p99(base_name)
-            ratio = p50 / b_p50 if latency else ops / b_ops
+            base = c.samples[base_name]
+            ratio = statistics.median(
+                (m.p50_ms / b.p50_ms) if latency else (m.ops_s / b.ops_s) for m, b in zip(mine, base, strict=True))
             base_cells = f"{b_ops:,.0f} | {b_p50:.3f} | {b_p99:.3f}"
         else:
             assert base_ops is not None
-            ratio = ops / base_ops
+            ratio = statistics.median(m.ops_s / b for m, b in zip(mine, c.benchmark_ops, strict=True))
             base_cells = f"{base_ops:,.0f} | - | -"
         ratio_text = f"{ratio:.2f}x" + (" p50" if latency else "")
         rows.append(f"| {name} | {ops:,.0f} | {p50:.3f} | {p99:.3f} | {base_label} | {base_cells} | {ratio_text} "

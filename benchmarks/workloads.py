@@ -7,7 +7,6 @@ same keys, the same Lua script by SHA), so the comparison is of the paths, not o
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,13 +37,11 @@ def links_hash_key(u: str) -> str:
     return f"{PREFIX}:{{{NS}:lk:{u}}}"
 
 
-def script_source(name: str) -> str:
-    with open(os.path.join(REPO, "lua_scripts", f"{name}.lua")) as f:
-        return f.read()
-
-
 def script_sha(name: str) -> str:
-    return hashlib.sha1(script_source(name).encode()).hexdigest()
+    # The daemon's own loader: the SHA of the script as the executor loads it (libraries prepended).
+    from statefuld.scripts import load_scripts
+
+    return load_scripts()[name].sha
 
 
 def pod_of(reply: Any) -> int | None:
@@ -122,11 +119,9 @@ def direct_async(redis_socket: str, sha: str, op: str) -> AsyncSetup:
                 *set_command(sha, uid(process, caller, iteration), iteration % PODS)))
 
         async def batch(caller: int, iteration: int) -> Any:
-            uids = [uid(process, caller, iteration + i) for i in range(BATCH)]
-            async with client.pipeline(transaction=False) as pipe:
-                for u in uids:
-                    pipe.execute_command(*get_command(u))
-                replies = await pipe.execute()
+            # The executor's batch read on one Redis: a single MGET of the uids' link keys.
+            uids = list(dict.fromkeys(uid(process, caller, iteration + i) for i in range(BATCH)))
+            replies = await client.execute_command("MGET", *[link_key(u) for u in uids])
             result: dict[int, list[str]] = {}
             for u, reply in zip(uids, replies, strict=True):
                 if reply is not None:

@@ -225,3 +225,36 @@ def test_auth_database_and_tcp_come_from_redis_py_url_parsing() -> None:
         run(refused)
     finally:
         server.cleanup()
+
+
+def test_script_flush_in_the_middle_of_a_batch_is_invisible_to_callers(url: str) -> None:
+    """NOSCRIPT fails only the requests it answers; the executor's Scripts reloads and retries each."""
+    from statefuld.scripts import Scripts, load_scripts
+
+    class Routed:
+        def __init__(self, mux: RedisMux) -> None:
+            self.mux = mux
+
+        def execute(self, route_key: str, *args: Any) -> Awaitable[Any]:
+            return self.mux.execute(*args)
+
+    async def body(mux: RedisMux) -> None:
+        scripts = Scripts(load_scripts())
+        transport = Routed(mux)
+        for script in scripts.all():
+            await mux.execute("SCRIPT", "LOAD", script.source)
+
+        def link(i: int) -> Awaitable[Any]:
+            keys = (f"sf:{{t:lk:u{i}}}", f"sf:{{t:lk:u{i}}}svc")
+            return scripts.run(transport, "set_linked_pod", keys, ("svc", i, -1))
+
+        # One turn's batch: links, then SCRIPT FLUSH queued in the same write, then more links.
+        first = [asyncio.ensure_future(link(i)) for i in range(50)]
+        flush = asyncio.ensure_future(mux.execute("SCRIPT", "FLUSH"))
+        second = [asyncio.ensure_future(link(i)) for i in range(50, 100)]
+        await asyncio.gather(*first, flush, *second)  # no caller sees NOSCRIPT
+        assert scripts.reloads >= 1
+        values = await mux.execute("MGET", *[f"sf:{{t:lk:u{i}}}svc" for i in range(100)])
+        assert values == [str(i).encode() for i in range(100)]
+
+    run(lambda: with_mux(url, body))
