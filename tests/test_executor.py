@@ -8,7 +8,10 @@ and data written in that layout by plain Redis commands reads back correctly.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +19,7 @@ import redis
 from conftest import ExecutorRun, run_async
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import RedisServer, running
+from support import RedisServer, free_port, running
 
 from statefuld.config import Config
 from statefuld.errors import Internal, InvalidArgument, Unavailable
@@ -450,3 +453,48 @@ def test_a_hung_redis_leaves_health_bounded_and_no_stale_reply_after_cancel() ->
         assert health["ready"] is False and health_s < 1.5
         assert answer == 2
         assert later == {"ready": True, "redis": "ok"}
+
+
+def _make_tls_files(directory: Path) -> dict[str, str]:
+    """A private CA, a server certificate for 127.0.0.1 and a client certificate (openssl CLI)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=30)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+            "-keyout", "ca.key", "-out", "ca.crt")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr")
+        (directory / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+    return {name: str(directory / name) for name in ("ca.crt", "server.crt", "server.key", "client.crt",
+                                                       "client.key")}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+def test_rediss_uses_the_configured_ca_and_client_certificate(tmp_path: Path) -> None:
+    files = _make_tls_files(tmp_path)
+    port = free_port()
+    tls_args = ["--tls-port", str(port), "--tls-cert-file", files["server.crt"], "--tls-key-file",
+                files["server.key"], "--tls-ca-cert-file", files["ca.crt"], "--tls-auth-clients", "yes"]
+    with running(RedisServer(extra_args=tls_args)) as server:
+        url = f"rediss://127.0.0.1:{port}"
+        good = Config(redis_url=url, redis_tls_ca_file=files["ca.crt"], redis_tls_cert_file=files["client.crt"],
+                      redis_tls_key_file=files["client.key"], startup_timeout_s=5)
+
+        async def use(config: Config) -> Any:
+            ex = await Executor.connect(config)
+            try:
+                await ex.set_linked_pod(NS, UID, SVC, 3, -1)
+                return await ex.get_linked_pod(NS, UID, SVC)
+            finally:
+                await ex.close()
+
+        assert run_async(lambda: use(good)) == 3
+        assert server.client().get(LINK) == "3"
+        # Without the client certificate the server refuses the handshake.
+        no_client_cert = Config(redis_url=url, redis_tls_ca_file=files["ca.crt"], startup_timeout_s=0.3)
+        with pytest.raises(Unavailable):
+            run_async(lambda: use(no_client_cert))
