@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+import uvloop
 from support import Daemon, RedisServer, short_tmpdir, wait_for
 
 from statefuld_client import (
@@ -38,7 +39,8 @@ def flavour_call(flavour: str, socket_path: str, timeout_s: float = 5.0) -> Iter
         with Client(socket_path, timeout_s=timeout_s) as client:
             yield lambda name, *args, **kwargs: getattr(client, name)(*args, **kwargs)
         return
-    loop = asyncio.new_event_loop()
+    # Applications run the AsyncClient on asyncio's own loop and on uvloop alike.
+    loop = uvloop.new_event_loop() if flavour == "async-uvloop" else asyncio.new_event_loop()
     aclient = AsyncClient(socket_path, timeout_s=timeout_s)
     try:
         yield lambda name, *args, **kwargs: loop.run_until_complete(getattr(aclient, name)(*args, **kwargs))
@@ -56,7 +58,7 @@ def stopped(daemon: Daemon) -> Iterator[None]:
         daemon.signal(signal.SIGCONT)
 
 
-FLAVOURS = pytest.mark.parametrize("flavour", ["sync", "async"])
+FLAVOURS = pytest.mark.parametrize("flavour", ["sync", "async", "async-uvloop"])
 
 
 @FLAVOURS

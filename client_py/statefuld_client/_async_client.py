@@ -8,7 +8,7 @@ import os
 import socket
 import weakref
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from statefuld_client._async_api import AsyncAPI
 from statefuld_client._paths import default_socket_path
@@ -54,8 +54,8 @@ class _Connection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check here.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         decoder = self._decoder
