@@ -1,0 +1,62 @@
+"""The operator commands: `statefuld ping`, `health` and `call`, as probes and scripts use them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from support import Daemon, RedisServer, running, short_tmpdir
+
+
+def statefuld(*args: str, socket_path: str, timeout_s: float = 20.0) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "STATEFULD_SOCKET": socket_path}
+    return subprocess.run(
+        [sys.executable, "-m", "statefuld", *args], env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+def test_ping_prints_pong(daemon: Daemon) -> None:
+    done = statefuld("ping", socket_path=daemon.socket_path)
+    assert (done.returncode, done.stdout.strip()) == (0, "PONG")
+
+
+def test_ping_without_a_daemon_fails_with_a_clear_message() -> None:
+    missing = os.path.join(short_tmpdir(), "nobody.sock")
+    done = statefuld("ping", "--timeout-s", "1", socket_path=missing)
+    assert done.returncode == 1
+    assert missing in done.stderr
+
+
+def test_call_takes_json_or_plain_arguments_and_prints_json(daemon: Daemon) -> None:
+    sock = daemon.socket_path
+    assert statefuld("call", "set_linked_pod", "game", "alice", "lobby", "3", "-1", socket_path=sock).stdout.strip() \
+        == "null"
+    # A uid made of digits is passed quoted, as JSON, to stay a string.
+    assert statefuld("call", "set_linked_pod", "game", '"12345"', "lobby", "4", "60", socket_path=sock).returncode == 0
+    got = statefuld("call", "batch_get_linked_pod", "game", '["alice", "12345", "nobody"]', "lobby", socket_path=sock)
+    assert json.loads(got.stdout) == {"3": ["alice"], "4": ["12345"]}
+    assert json.loads(statefuld("call", "try_set_linked_pod", "game", "alice", "lobby", "5", "-1",
+                                socket_path=sock).stdout) == [False, 3]
+
+
+def test_call_reports_the_daemons_error_and_exits_1(daemon: Daemon) -> None:
+    done = statefuld("call", "set_linked_pod", "game", "alice", "lobby", "-5", "-1", socket_path=daemon.socket_path)
+    assert done.returncode == 1
+    assert "INVALID_ARGUMENT" in done.stderr and "pod_id" in done.stderr
+    done = statefuld("call", "no_such_method", socket_path=daemon.socket_path)
+    assert done.returncode == 1 and "UNKNOWN_METHOD" in done.stderr
+
+
+def test_health_exit_code_follows_redis_reachability() -> None:
+    with running(RedisServer()) as redis_server, running(Daemon(redis_server.url)) as daemon:
+        ready = statefuld("health", socket_path=daemon.socket_path)
+        assert ready.returncode == 0
+        assert json.loads(ready.stdout)["ready"] is True
+        redis_server.stop()
+        down = statefuld("health", socket_path=daemon.socket_path)
+        assert down.returncode == 1
+        assert json.loads(down.stdout)["ready"] is False
+        # ping is liveness: the daemon itself is fine while Redis is away.
+        assert statefuld("ping", socket_path=daemon.socket_path).returncode == 0
