@@ -1,19 +1,62 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
 import redis
 import uvloop
-from support import Daemon, RedisServer
+from support import Daemon, RedisClusterProcs, RedisSentinelProcs, RedisServer
+
+# Which Redis the shared fixtures (redis_server, redis_db, daemon, with_executor) stand on:
+# standalone (the default), cluster (3 primaries + 3 replicas) or sentinel (a primary, a replica,
+# 3 sentinels). scripts/test runs the whole suite on standalone, then the method-level modules
+# below on cluster and on sentinel.
+BACKEND = os.environ.get("STATEFULD_TEST_BACKEND", "standalone")
+BACKENDS = ("standalone", "cluster", "sentinel")
+# The modules whose tests call the contract's methods (and the scripts) on the shared Redis.
+METHOD_MODULES = ("test_executor", "test_placement", "test_client.py", "test_protocol.py", "test_lua_scripts.py",
+                  "test_validation.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if BACKEND not in BACKENDS:
+        raise pytest.UsageError(f"STATEFULD_TEST_BACKEND={BACKEND!r}: expected one of {', '.join(BACKENDS)}")
+
+
+def pytest_report_header() -> str:
+    return f"statefuld test backend: {BACKEND}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On cluster and sentinel, run only the method-level tests that use the shared Redis (the
+    rest, e.g. a test with its own redis-server, would only repeat the standalone run)."""
+    if BACKEND == "standalone":
+        return
+    selected: list[pytest.Item] = []
+    deselected: list[pytest.Item] = []
+    for item in items:
+        in_module = item.path.name.startswith(METHOD_MODULES)
+        uses_backend = "redis_server" in getattr(item, "fixturenames", ())
+        (selected if in_module and uses_backend else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    """One redis-server for the whole run; tests that need their own start one."""
-    server = RedisServer().start()
+    """The shared Redis of the run (STATEFULD_TEST_BACKEND); tests that need their own start one.
+    On cluster and sentinel it has the same ``url`` and ``client()`` as a RedisServer."""
+    server: Any
+    if BACKEND == "cluster":
+        server = RedisClusterProcs().start()
+    elif BACKEND == "sentinel":
+        server = RedisSentinelProcs().start()
+    else:
+        server = RedisServer().start()
     try:
         yield server
     finally:

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgpack
 import redis
+import redis.cluster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -231,3 +232,190 @@ def running(proc: RedisServer | Daemon) -> Iterator[Any]:
         yield proc.start()
     finally:
         proc.cleanup()
+
+
+# --- Redis Cluster and Sentinel (STATEFULD_TEST_BACKEND, tests/test_topology.py) ------------------
+
+
+class ClusterInspector(redis.cluster.RedisCluster):
+    """A test's view of a whole cluster: the keyless commands the tests use to inspect Redis
+    (KEYS, DBSIZE, INFO commandstats) answer for every primary, as on one server."""
+
+    def keys(self, pattern: Any = "*", **kwargs: Any) -> Any:
+        return self.execute_command(  # type: ignore[no-untyped-call]
+            "KEYS", pattern, target_nodes=self.PRIMARIES, **kwargs)
+
+    def dbsize(self, **kwargs: Any) -> Any:
+        return self.execute_command(  # type: ignore[no-untyped-call]
+            "DBSIZE", target_nodes=self.PRIMARIES, **kwargs)
+
+    def info(self, section: Any = None, *args: Any, **kwargs: Any) -> Any:
+        per_node = self.execute_command(  # type: ignore[no-untyped-call]
+            "INFO", *([section] if section else []), *args, target_nodes=self.PRIMARIES, **kwargs)
+        if section != "commandstats":
+            return per_node
+        total: dict[str, dict[str, int]] = {}
+        for stats in per_node.values():
+            for name, value in stats.items():
+                total.setdefault(name, {"calls": 0})["calls"] += int(value["calls"])
+        return total
+
+
+class RedisClusterProcs:
+    """A real Redis Cluster on loopback: ``primaries`` primaries with one replica each, built by
+    ``redis-cli --cluster create``; a small node timeout so that failovers take seconds."""
+
+    def __init__(self, *, primaries: int = 3, node_timeout_ms: int = 1000, extra_args: Sequence[str] = ()) -> None:
+        self.node_timeout_ms = node_timeout_ms
+        self.nodes = [
+            RedisServer(port=free_port(), extra_args=[
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms),
+                "--cluster-port", str(free_port()),
+                *extra_args,
+            ])
+            for _ in range(primaries * 2)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].tcp_url
+
+    def start(self) -> RedisClusterProcs:
+        try:
+            for node in self.nodes:
+                node.start()
+            subprocess.run(
+                ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                 "--cluster-replicas", "1", "--cluster-yes"],
+                check=True, capture_output=True, timeout=30,
+            )
+            wait_for(self._healthy, timeout_s=20, what="the cluster to be ok with every replica in sync")
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _healthy(self) -> bool:
+        for node in self.alive():
+            with node.client() as c:
+                if "cluster_state:ok" not in c.execute_command("CLUSTER", "INFO"):
+                    return False
+                info = c.info("replication")
+                if info["role"] == "slave" and info.get("master_link_status") != "up":
+                    return False
+        return True
+
+    def alive(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def primaries(self) -> list[RedisServer]:
+        result = []
+        for node in self.alive():
+            with node.client() as c:
+                if c.info("replication")["role"] == "master":
+                    result.append(node)
+        return result
+
+    def node_serving(self, key: str) -> RedisServer:
+        """The primary that owns ``key``'s slot now."""
+        with self.client() as c:
+            node = c.get_node_from_key(key)
+        return next(n for n in self.nodes if n.port == node.port)
+
+    def client(self) -> ClusterInspector:
+        alive = self.alive()[0]
+        assert alive.port is not None
+        return ClusterInspector(host="127.0.0.1", port=alive.port, decode_responses=True, socket_timeout=5)
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+
+
+class RedisSentinelProcs:
+    """A primary, a replica and three sentinels (quorum 2) on loopback, with small timeouts so
+    that a failover takes seconds."""
+
+    def __init__(self, *, master_name: str = "mymaster", down_after_ms: int = 1000,
+                 failover_timeout_ms: int = 2000) -> None:
+        self.master_name = master_name
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.primary = RedisServer(port=free_port())
+        self.replica = RedisServer(port=free_port())
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinel_procs: list[subprocess.Popen[bytes]] = []
+        self.dir = short_tmpdir("sfs-")
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.master_name}"
+
+    def start(self) -> RedisSentinelProcs:
+        try:
+            self.primary.start()
+            assert self.primary.port is not None
+            self.replica.extra_args += ["--replicaof", "127.0.0.1", str(self.primary.port)]
+            self.replica.start()
+            wait_for(lambda: self.replica.client().info("replication").get("master_link_status") == "up",
+                     what="the replica to sync")
+            for i, port in enumerate(self.sentinel_ports):
+                conf = os.path.join(self.dir, f"sentinel-{i}.conf")
+                Path(conf).write_text(
+                    f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                    f"logfile {os.path.join(self.dir, f'sentinel-{i}.log')}\n"
+                    f"sentinel monitor {self.master_name} 127.0.0.1 {self.primary.port} 2\n"
+                    f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
+                    f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}\n"
+                )
+                self.sentinel_procs.append(subprocess.Popen(
+                    [redis_server_binary(), conf, "--sentinel", "--daemonize", "no"], stdin=subprocess.DEVNULL,
+                ))
+            wait_for(self._settled, timeout_s=20, what="the sentinels to know the replica and each other")
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def sentinel(self, i: int = 0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.sentinel_ports[i], decode_responses=True, socket_timeout=2)
+
+    def _settled(self) -> bool:
+        for i in range(len(self.sentinel_ports)):
+            try:
+                with self.sentinel(i) as s:
+                    replicas = s.execute_command("SENTINEL", "REPLICAS", self.master_name)
+                    others = s.execute_command("SENTINEL", "SENTINELS", self.master_name)
+            except redis.ConnectionError:
+                return False
+            if len(replicas) < 1 or len(others) < len(self.sentinel_ports) - 1:
+                return False
+        return True
+
+    def primary_address(self) -> tuple[str, int]:
+        with self.sentinel() as s:
+            host, port = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+        return str(host), int(port)
+
+    def current_primary(self) -> RedisServer:
+        port = self.primary_address()[1]
+        return next(n for n in (self.primary, self.replica) if n.port == port)
+
+    def client(self) -> redis.Redis:
+        return self.current_primary().client()
+
+    def cleanup(self) -> None:
+        for proc in self.sentinel_procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+        self.replica.cleanup()
+        self.primary.cleanup()
+        shutil.rmtree(self.dir, ignore_errors=True)

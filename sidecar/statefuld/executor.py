@@ -10,6 +10,7 @@ one such connection per primary. Callers of the executor never see which.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -20,6 +21,7 @@ from statefuld.config import Config
 from statefuld.errors import Internal, Unavailable
 from statefuld.redis_mux import Endpoint, RedisMux, ReplyError
 from statefuld.scripts import Scripts, load_scripts
+from statefuld.topology import ClusterTransport, SentinelTransport, SentinelUrl, detect_cluster, is_sentinel_url
 
 log = logging.getLogger("statefuld.executor")
 
@@ -110,22 +112,62 @@ def _map_reply_error(exc: ReplyError) -> Exception:
     return Internal(f"Redis error: {exc.message[:200]}")
 
 
-def make_transport(config: Config) -> Transport:
-    url = config.redis_url
-    if url is None:
-        raise ValueError("no Redis URL (the embedded Redis provides one)")
-    if config.redis_mode not in ("auto", "standalone"):
-        raise ValueError(f"redis_mode {config.redis_mode!r} is not supported by this build")
+def _redis_kwargs(config: Config, tls: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if config.redis_username:
         kwargs["username"] = config.redis_username
     if config.redis_password:
         kwargs["password"] = config.redis_password
-    if url.startswith("rediss://"):
+    if tls:
         kwargs["ssl_ca_certs"] = config.redis_tls_ca_file
         kwargs["ssl_certfile"] = config.redis_tls_cert_file
         kwargs["ssl_keyfile"] = config.redis_tls_key_file
-    return StandaloneTransport(Endpoint.from_url(url, **kwargs))
+    return kwargs
+
+
+def _sentinel_transport(url: str, config: Config) -> SentinelTransport:
+    parsed = SentinelUrl.parse(url)
+    scheme = "rediss" if parsed.tls else "redis"
+    host, port = parsed.sentinels[0]
+    # The primary: --redis-username and STATEFULD_REDIS_PASSWORD, as for any Redis. The
+    # sentinels: the credentials in the URL (sentinels often have their own password, or none).
+    primary = Endpoint.from_url(f"{scheme}://{host}:{port}/{parsed.db}", **_redis_kwargs(config, parsed.tls))
+    sentinel = dataclasses.replace(
+        primary, db=0, username=parsed.username, password=parsed.password, credential_provider=None
+    )
+    return SentinelTransport(
+        [dataclasses.replace(sentinel, host=h, port=p) for h, p in parsed.sentinels], parsed.master_name, primary
+    )
+
+
+def make_transport(config: Config, mode: str | None = None) -> Transport:
+    """The transport for ``mode`` (default ``config.redis_mode``). Without I/O, "auto" can only
+    tell a sentinel URL; ``detect_mode`` asks Redis whether a plain URL names a cluster node."""
+    url = config.redis_url
+    if url is None:
+        raise ValueError("no Redis URL (the embedded Redis provides one)")
+    mode = mode or config.redis_mode
+    if is_sentinel_url(url):
+        if mode not in ("auto", "sentinel"):
+            raise ValueError(f"a redis+sentinel:// URL cannot be used with redis_mode {mode!r}")
+        return _sentinel_transport(url, config)
+    if mode == "sentinel":
+        raise ValueError("redis_mode sentinel needs a redis+sentinel://host:port[,host:port...]/MASTER_NAME URL")
+    endpoint = Endpoint.from_url(url, **_redis_kwargs(config, url.startswith("rediss://")))
+    if mode == "cluster":
+        return ClusterTransport(endpoint)
+    return StandaloneTransport(endpoint)
+
+
+async def detect_mode(config: Config) -> str:
+    """``config.redis_mode``, with "auto" resolved: sentinel by URL, cluster if the node says so."""
+    url = config.redis_url
+    if config.redis_mode != "auto" or url is None:
+        return config.redis_mode
+    if is_sentinel_url(url):
+        return "sentinel"
+    endpoint = Endpoint.from_url(url, **_redis_kwargs(config, url.startswith("rediss://")))
+    return "cluster" if await detect_cluster(endpoint) else "standalone"
 
 
 class Executor:
@@ -151,30 +193,36 @@ class Executor:
         Raises ``Unavailable`` when Redis cannot be reached in time, ``ValueError`` for a
         configuration Redis cannot be used with.
         """
-        transport = make_transport(config)
-        executor = cls(
-            transport,
-            Scripts(load_scripts()),
-            Keys(config.key_prefix),
-            routable_states=config.routable_state,
-            load_stale_ms=config.load_stale_ms,
-        )
+        make_transport(config)  # a configuration error is raised now, not after the retries
+        scripts, keys = Scripts(load_scripts()), Keys(config.key_prefix)
+        transport: Transport | None = None
         deadline = time.monotonic() + config.startup_timeout_s
         delay_s = 0.05
         while True:
             try:
+                if transport is None:  # "auto" is decided once Redis answers
+                    transport = make_transport(config, await detect_mode(config))
+                executor = cls(
+                    transport, scripts, keys, routable_states=config.routable_state, load_stale_ms=config.load_stale_ms
+                )
                 await transport.connect()
                 await asyncio.wait_for(transport.execute_any("PING"), HEALTH_TIMEOUT_S)
                 await executor.load_scripts()
                 return executor
+            except ValueError:
+                if transport is not None:
+                    await transport.close()
+                raise
             except (Unavailable, TimeoutError, ReplyError) as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    await transport.close()
+                    if transport is not None:
+                        await transport.close()
                     if isinstance(exc, ReplyError):
                         raise _map_reply_error(exc) from exc
                     raise Unavailable(str(exc) or "Redis did not answer in time") from exc
-                log.warning("Redis at %s not ready yet: %s", transport.describe(), exc)
+                where = transport.describe() if transport is not None else "the configured URL"
+                log.warning("Redis at %s not ready yet: %s", where, exc)
                 await asyncio.sleep(min(delay_s, remaining))
                 delay_s = min(delay_s * 2, 1.0)
 
