@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from statefuld.config import Config
@@ -336,6 +336,27 @@ class Executor:
     async def get_linked_pod(self, ns: str, uid: str, service: str) -> int | None:
         key = self.keys.link(ns, uid, service)
         return _pod_id(await self._call(key, "GET", key))
+
+    # --- the hot path: the reply's future and how to decode it, no coroutine --------------------
+    # The server answers from the future's done-callback (rpc.Dispatcher.start); an error reply
+    # reaches it as the future's exception and goes through reply_error (NOSCRIPT: the full path).
+
+    def begin_get_linked_pod(self, ns: str, uid: str, service: str) -> tuple[Awaitable[Any], Callable[[Any], Any]]:
+        key = self.keys.link(ns, uid, service)
+        return self._redis.execute(key, "GET", key), _pod_id
+
+    def begin_set_linked_pod(
+        self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int
+    ) -> tuple[Awaitable[Any], Callable[[Any], Any]]:
+        hash_key, key = self._link_keys(ns, uid, service)
+        sha = self._scripts["set_linked_pod"].sha
+        args = (sha, 2, hash_key, key, service, pod_id, persist_seconds)
+        return self._redis.execute(hash_key, "EVALSHA", *args), _pod_id
+
+    @staticmethod
+    def reply_error(exc: ReplyError) -> Exception:
+        """The RpcError that answers a Redis error reply."""
+        return _map_reply_error(exc)
 
     async def get_linked_pod_if_persist(self, ns: str, uid: str, service: str) -> int | None:
         return _pod_id(await self._script("get_linked_pod_if_persist", self._link_keys(ns, uid, service)))

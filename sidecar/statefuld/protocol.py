@@ -49,25 +49,44 @@ _SWEEP_INTERVAL_S: Final = 0.01
 _DEADLINE_PASSED: Final = "statefuld: the request's deadline passed"
 
 
-class Dispatch(Protocol):
-    def __call__(self, method: str, params: list[Any], /) -> Awaitable[Any]: ...
+class Dispatcher(Protocol):
+    """rpc.Dispatcher as the connections use it (see its docstring)."""
+
+    def start(self, method: str, params: list[Any], /) -> tuple[Awaitable[Any], Callable[[Any], Any] | None]: ...
+    def recover(self, method: str, params: list[Any], exc: BaseException, /) -> Awaitable[Any]: ...
+
+
+class _Call:
+    """One request or notification being executed: what its done-callback needs to answer it."""
+
+    __slots__ = ("conn", "deadline", "decode", "method", "msgid", "params")
+
+    def __init__(self, conn: RpcProtocol, msgid: int | None, method: str, params: list[Any],
+                 decode: Callable[[Any], Any] | None, deadline: float) -> None:
+        self.conn = conn
+        self.msgid = msgid
+        self.method = method
+        self.params = params
+        self.decode = decode
+        self.deadline = deadline
 
 
 class ServerState:
     """What every connection shares. Plain attributes: the hot path reads them directly."""
 
-    def __init__(self, config: Config, dispatch: Dispatch) -> None:
-        self.dispatch = dispatch
+    def __init__(self, config: Config, dispatcher: Dispatcher) -> None:
+        self.start = dispatcher.start
+        self.recover = dispatcher.recover
         self.timeout_s = config.request_timeout_ms / 1000
         self.max_message_bytes = config.max_message_bytes
         self.max_in_flight = config.max_in_flight
         self.allow_uids = frozenset(config.allow_uid)
         self.allow_gids = frozenset(config.allow_gid)
-        # Requests and notifications being executed, daemon-wide, each with its deadline; each
-        # removes itself when done. Every deadline is arrival + timeout_s, so insertion order is
+        # Requests and notifications being executed, daemon-wide: the awaitable each waits on (the
+        # Redis reply's future on the hot path, else a Task) -> its _Call; each is answered and
+        # removed by _call_done. Every deadline is arrival + timeout_s, so insertion order is
         # deadline order and the sweep only looks at the front (see _sweep_deadlines).
-        self.tasks: dict[asyncio.Task[None], float] = {}
-        self.task_done: Callable[[asyncio.Task[None]], object] = lambda task: self.tasks.pop(task, None)
+        self.tasks: dict[asyncio.Future[Any], _Call] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self.in_flight = 0
         self.connections: set[RpcProtocol] = set()
@@ -84,27 +103,35 @@ class ServerState:
         self._failures_not_logged = 0
         self.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
 
-    def track(self, task: asyncio.Task[None], deadline: float, loop: asyncio.AbstractEventLoop) -> None:
+    def track(self, future: asyncio.Future[Any], call: _Call, loop: asyncio.AbstractEventLoop) -> None:
         # One timer for all requests instead of asyncio.timeout_at per request: a per-request
         # timer (a libuv timer under uvloop) and current_task() cost more than the rest of a
         # get_linked_pod's handling in the daemon (docs/BENCHMARKS.md, profile).
-        self.tasks[task] = deadline
-        task.add_done_callback(self.task_done)
+        self.tasks[future] = call
+        future.add_done_callback(self._call_done)
         if self._sweep is None:
             self._sweep = loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines, loop)
+
+    def _call_done(self, future: asyncio.Future[Any]) -> None:
+        call = self.tasks.pop(future, None)
+        if call is not None:
+            call.conn._answer(call, future)
 
     def _sweep_deadlines(self, loop: asyncio.AbstractEventLoop) -> None:
         self._sweep = None
         now = loop.time()
         expired = []
-        for task, deadline in self.tasks.items():
-            if deadline > now:
+        for future, call in self.tasks.items():
+            if call.deadline > now:
                 break
+            if future.done():
+                continue
             # One cancel per task: a second one would also interrupt the cleanup the first started.
-            if not task.done() and not task.cancelling():
-                expired.append(task)
-        for task in expired:
-            task.cancel(_DEADLINE_PASSED)
+            if isinstance(future, asyncio.Task) and future.cancelling():
+                continue
+            expired.append(future)
+        for future in expired:
+            future.cancel(_DEADLINE_PASSED)
         if self.tasks:
             self._sweep = loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines, loop)
 
@@ -306,62 +333,87 @@ class RpcProtocol(asyncio.Protocol):
             else:
                 self._reply(msgid, _OVERLOADED, None)
             return
-        state.in_flight += 1
-        self._pending += 1
+        self._start(msgid, method, params, deadline)
+
+    def _start(self, msgid: int | None, method: str, params: list[Any], deadline: float) -> None:
+        state = self._state
         if msgid is None:
             state.notifications += 1
-            coro = self._notify(method, params, deadline)
         else:
             state.requests += 1
-            coro = self._request(msgid, method, params, deadline)
-        loop = self._loop
-        assert loop is not None
-        state.track(loop.create_task(coro), deadline, loop)
+        try:
+            # Validates and starts the call; a rejected call (nothing sent to Redis) raises here.
+            awaitable, decode = state.start(method, params)
+        except RpcError as exc:
+            self._finish(msgid, method, exc.to_wire(), None)
+            return
+        except Exception:
+            self._internal_error(msgid, method)
+            return
+        state.in_flight += 1
+        self._pending += 1
+        self._execute(awaitable, _Call(self, msgid, method, params, decode, deadline))
 
     # --- execution ---------------------------------------------------------------------------
 
-    async def _request(self, msgid: int, method: str, params: list[Any], deadline: float) -> None:
-        state = self._state
-        try:
-            try:
-                result = await state.dispatch(method, params)
-            except RpcError as exc:
-                self._reply(msgid, exc.to_wire(), None)
-            except asyncio.CancelledError as exc:
-                # Two things cancel requests: the deadline sweep and, after the drain bound, the shutdown.
-                if exc.args == (_DEADLINE_PASSED,) or not state.draining:
-                    state.timeouts += 1
-                    self._reply(msgid, _TIMEOUT, None)
-                    return
-                self._reply(msgid, _SHUTTING_DOWN, None)
-                raise
-            except Exception:
-                state.internal_errors += 1
-                log.exception("internal error in %s (msgid %d)", method, msgid)
-                self._reply(msgid, _INTERNAL, None)
-            else:
-                self._reply(msgid, None, result)
-        finally:
-            state.in_flight -= 1
-            self._request_done()
+    def _execute(self, awaitable: Awaitable[Any], call: _Call) -> None:
+        loop = self._loop
+        assert loop is not None
+        # The hot path's awaitable is the Redis reply's future: answered from its done-callback,
+        # no Task. Anything else (a coroutine) runs as a Task, answered the same way.
+        future = awaitable if isinstance(awaitable, asyncio.Future) else loop.create_task(awaitable)  # type: ignore[arg-type]
+        self._state.track(future, call, loop)
 
-    async def _notify(self, method: str, params: list[Any], deadline: float) -> None:
+    def _answer(self, call: _Call, future: asyncio.Future[Any]) -> None:
+        """The awaitable of ``call`` is done: send its reply (or count its failure)."""
         state = self._state
-        try:
-            await state.dispatch(method, params)
-        except RpcError as exc:
-            state.notification_failed(method, f"{exc.code}: {exc.message}")
-        except asyncio.CancelledError as exc:
-            if exc.args != (_DEADLINE_PASSED,) and state.draining:
-                raise  # the shutdown's
-            state.timeouts += 1
-            state.notification_failed(method, "TIMEOUT")
-        except Exception:
-            state.internal_errors += 1
+        msgid, method = call.msgid, call.method
+        if future.cancelled():
+            # Two things cancel requests: the deadline sweep and, after the drain bound, the shutdown.
+            if state.draining and self._loop.time() < call.deadline:  # type: ignore[union-attr]
+                self._finish(msgid, method, _SHUTTING_DOWN, None)
+            else:
+                state.timeouts += 1
+                self._finish(msgid, method, _TIMEOUT, None)
+        else:
+            exc = future.exception()
+            try:
+                if exc is None:
+                    result = future.result()
+                    decode = call.decode
+                    self._finish(msgid, method, None, result if decode is None else decode(result))
+                elif isinstance(exc, RpcError):
+                    self._finish(msgid, method, exc.to_wire(), None)
+                elif isinstance(exc, TimeoutError) and self._loop.time() >= call.deadline:  # type: ignore[union-attr]
+                    state.timeouts += 1  # a recovery's own deadline (see _bounded)
+                    self._finish(msgid, method, _TIMEOUT, None)
+                else:
+                    # Not an RpcError: a Redis error reply on the hot path (NOSCRIPT continues on
+                    # the full path, with what is left of the deadline), or a bug.
+                    retry = state.recover(method, call.params, exc)
+                    self._execute(_bounded(retry, call.deadline), call)
+                    return  # still in flight
+            except RpcError as error:
+                self._finish(msgid, method, error.to_wire(), None)
+            except Exception:
+                self._internal_error(msgid, method, exc)
+        state.in_flight -= 1
+        self._request_done()
+
+    def _finish(self, msgid: int | None, method: str, error: dict[str, str] | None, result: Any) -> None:
+        if msgid is not None:
+            self._reply(msgid, error, result)
+        elif error is not None:
+            self._state.notification_failed(method, f"{error['code']}: {error['message']}")
+
+    def _internal_error(self, msgid: int | None, method: str, exc: BaseException | None = None) -> None:
+        state = self._state
+        state.internal_errors += 1
+        if msgid is None:
             state.notification_failed(method, "INTERNAL", traceback=True)
-        finally:
-            state.in_flight -= 1
-            self._request_done()
+            return
+        log.error("internal error in %s (msgid %d)", method, msgid, exc_info=exc or True)
+        self._reply(msgid, _INTERNAL, None)
 
     # --- bytes out ---------------------------------------------------------------------------
 
@@ -425,6 +477,13 @@ class RpcProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+
+async def _bounded(awaitable: Awaitable[Any], deadline: float) -> Any:
+    # A recovery is rare and runs after the call's entry in the deadline-ordered map: its own
+    # timer keeps its deadline, whatever the sweep reaches.
+    async with asyncio.timeout_at(deadline):
+        return await awaitable
 
 
 def protocol_factory(state: ServerState) -> Callable[[], RpcProtocol]:

@@ -6,6 +6,7 @@ naming the parameter as the contract names it, and nothing reaches Redis.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import unicodedata
 from collections.abc import Awaitable, Callable
@@ -14,6 +15,7 @@ from typing import Any
 from statefuld.config import Config
 from statefuld.errors import InvalidArgument, UnknownMethod
 from statefuld.executor import Executor
+from statefuld.redis_mux import ReplyError
 
 MAX_INT32 = 2**31 - 1
 NAME_MAX_BYTES = 128
@@ -170,7 +172,14 @@ def validate(method: Any, params: Any, config: Config) -> tuple[Method, list[Any
 
 
 class Dispatcher:
-    """Validated calls into the executor; results shaped for msgpack."""
+    """Validated calls into the executor; results shaped for msgpack.
+
+    ``start`` is what the server calls: it validates and starts the call without a coroutine of
+    its own and returns ``(awaitable, decode)``. For the hot methods the awaitable is the Redis
+    reply's future itself and ``decode`` turns the raw reply into the result, so the server can
+    answer from the future's done-callback: no Task per request (docs/BENCHMARKS.md, profile).
+    ``dispatch`` is the same call as one coroutine.
+    """
 
     def __init__(self, executor: Executor, config: Config) -> None:
         self._executor = executor
@@ -178,11 +187,84 @@ class Dispatcher:
         self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
             name: getattr(executor, m.handler_name) for name, m in METHODS.items() if name != "ping"
         }
+        self._hot: dict[str, Callable[[Any], tuple[Awaitable[Any], Decode | None]]] = {
+            "get_linked_pod": self._start_get_linked_pod,
+            "set_linked_pod": self._start_set_linked_pod,
+        }
+        # ns and service values already found valid: a handful of distinct values in practice,
+        # so most calls check them with one set lookup. Bounded: cleared when full.
+        self._names_ok: set[str] = set()
 
     async def dispatch(self, method: Any, params: Any) -> Any:
         spec, args = validate(method, params, self._config)
         if spec.name == "ping":
             return "PONG"  # the daemon is alive; Redis is not consulted
         result = await self._handlers[spec.name](*args)
-        # try_set_linked_pod's (ok, pod_id): an array on the wire, and a list for msgpack-ready.
-        return list(result) if type(result) is tuple else result
+        return _shape(result)
+
+    def start(self, method: Any, params: Any) -> tuple[Awaitable[Any], Decode | None]:
+        """Validate (raises RpcError at once) and start the call; see the class docstring."""
+        hot = self._hot.get(method) if type(method) is str else None
+        if hot is not None:
+            return hot(params)
+        spec, args = validate(method, params, self._config)
+        if spec.name == "ping":
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.set_result("PONG")  # the daemon is alive; Redis is not consulted
+            return done, None
+        return self._handlers[spec.name](*args), _shape
+
+    def recover(self, method: Any, params: Any, exc: BaseException) -> Awaitable[Any]:
+        """A started call's awaitable failed with ``exc`` (not an RpcError): raise the error to
+        answer with, or return the awaitable to continue with (NOSCRIPT: reload, run again)."""
+        if isinstance(exc, ReplyError):
+            if exc.code == "NOSCRIPT":  # the script did not run: the full path reloads it and retries
+                return self.dispatch(method, params)
+            raise self._executor.reply_error(exc) from exc
+        raise exc
+
+    # --- the hot methods: the checks of validate(), inlined, with the names' cache --------------
+
+    def _name(self, param: str, value: Any) -> str:
+        names_ok = self._names_ok
+        if type(value) is str and value in names_ok:
+            return value
+        checked = check_name(param, value)
+        if len(names_ok) >= _NAMES_CACHED:
+            names_ok.clear()
+        names_ok.add(checked)
+        return checked
+
+    def _start_get_linked_pod(self, params: Any) -> tuple[Awaitable[Any], Decode | None]:
+        if type(params) is not list or len(params) != 3:
+            validate("get_linked_pod", params, self._config)  # raises the error naming what is wrong
+        ns, uid, service = params
+        return self._executor.begin_get_linked_pod(
+            self._name("ns", ns), _uid(uid), self._name("service", service))
+
+    def _start_set_linked_pod(self, params: Any) -> tuple[Awaitable[Any], Decode | None]:
+        if type(params) is not list or len(params) != 5:
+            validate("set_linked_pod", params, self._config)
+        ns, uid, service, pod_id, persist_seconds = params
+        ns = self._name("ns", ns)
+        uid = _uid(uid)
+        service = self._name("service", service)
+        return self._executor.begin_set_linked_pod(
+            ns, uid, service, check_pod_id("pod_id", pod_id), check_persist_seconds("persist_seconds", persist_seconds))
+
+
+_NAMES_CACHED = 1024
+Decode = Callable[[Any], Any]
+
+
+def _uid(value: Any) -> str:
+    # ASCII: printable is exactly "no control character" (0x00-0x1f, 0x7f), and 1 char = 1 byte.
+    if type(value) is str and value.isascii() and value.isprintable() and 0 < len(value) <= UID_MAX_BYTES \
+            and "{" not in value and "}" not in value:
+        return value
+    return check_uid("uid", value)
+
+
+def _shape(result: Any) -> Any:
+    # try_set_linked_pod's (ok, pod_id): an array on the wire, and a list for msgpack-ready.
+    return list(result) if type(result) is tuple else result

@@ -187,7 +187,7 @@ class Server:
         except ValueError as exc:
             raise StartupError(f"invalid Redis configuration ({shown_url}): {exc}", EXIT_CONFIG) from exc
         log.info("connected to Redis at %s", shown_url)
-        self._state = ServerState(config, Dispatcher(self._executor, config).dispatch)
+        self._state = ServerState(config, Dispatcher(self._executor, config))
 
     # --- the socket --------------------------------------------------------------------------
 
