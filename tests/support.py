@@ -227,7 +227,7 @@ def rpc_call(socket_path: str, method: str, params: list[Any], timeout_s: float 
 
 
 @contextlib.contextmanager
-def running(proc: RedisServer | Daemon) -> Iterator[Any]:
+def running(proc: Any) -> Iterator[Any]:
     try:
         yield proc.start()
     finally:
@@ -339,12 +339,12 @@ class RedisSentinelProcs:
     that a failover takes seconds."""
 
     def __init__(self, *, master_name: str = "mymaster", down_after_ms: int = 1000,
-                 failover_timeout_ms: int = 2000) -> None:
+                 failover_timeout_ms: int = 2000, acl: Sequence[str] = ()) -> None:
         self.master_name = master_name
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
-        self.primary = RedisServer(port=free_port())
-        self.replica = RedisServer(port=free_port())
+        self.primary = RedisServer(port=free_port(), extra_args=acl)
+        self.replica = RedisServer(port=free_port(), extra_args=acl)
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinel_procs: list[subprocess.Popen[bytes]] = []
         self.dir = short_tmpdir("sfs-")
