@@ -6,12 +6,14 @@ a rejected call sends nothing at all (no key, and no command counted by Redis).
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
+import msgpack
 import pytest
 import redis
 from conftest import ExecutorRun, run_async
-from support import RedisServer, running
+from support import Daemon, RedisServer, running
 
 from statefuld.config import Config
 from statefuld.errors import InvalidArgument, UnknownMethod
@@ -39,16 +41,17 @@ VALID: dict[str, list[Any]] = {
     "remove_linked_pod": ["game", "alice", "lobby", -1],
     "remove_linked_pod_with_id": ["game", "alice", "lobby", 30, 3],
     "get_link_service": ["game", "alice"],
+    # Placement, section 2b.
+    "report_pod_load": ["game", "lobby", 3, 17],
+    "compute_linked_pod": ["game", "alice", "lobby", -1],
 }
-# Placement (section 2b) belongs to a later issue; the table may already carry it.
-SECTION_2 = set(VALID)
 
 BAD_NAMES = [
     "", "a" * 129, "é" * 65, "a:b", "a{b", "a}b", "a b", "a\tb", "a\nb", "\u3000", "a\u2028b", "a\u00a0b",
     "a\x00b", "a\x7fb", "a\x85b", "a\x9fb", SURROGATE, 5, None, b"lobby", ["lobby"], True,
 ]
 GOOD_NAMES = ["a", "a" * 128, "é" * 64, "lobby-1_EU.west", "ゲーム", "a/b#c"]
-BAD_UIDS = ["", "a" * 257, "é" * 129, "a{b", "a}b", "a\x00b", "a\nb", "a\tb", "a\x7fb", "a\x9fb", SURROGATE,
+BAD_UIDS = ["", "a" * 257, "é" * 129, "a{b", "a}b", "a\x00b", "a\nb", "a\tb", "a\x7fb", "a\x85b", "a\x9fb", SURROGATE,
             7, None, b"alice"]
 GOOD_UIDS = ["a", "a" * 256, "é" * 128, "user 1", "u:2", " ", "a\u3000b", "mail@example.com"]
 BAD_POD_IDS = [-1, 2**31, 2**64, True, False, 1.0, "3", None]
@@ -57,11 +60,13 @@ BAD_PERSIST = [0, -2, 2**31, True, 1.5, "60", None]
 GOOD_PERSIST = [-1, 1, 2**31 - 1]
 BAD_STATES = ["", "a" * 4097, "é" * 2049, SURROGATE, 1, None, b"Ready"]
 GOOD_STATES = ["a", "a" * 4096, "é" * 2048, "Draining: {0} left\n"]
+BAD_LOADS = [-1, 2**31, True, 0.5, "3", None]
+GOOD_LOADS = [0, 1, 2**31 - 1]
 
 BAD_BY_KIND: dict[str, list[Any]] = {"ns": BAD_NAMES, "service": BAD_NAMES, "uid": BAD_UIDS, "pod_id": BAD_POD_IDS,
-               "persist_seconds": BAD_PERSIST, "state": BAD_STATES}
+               "persist_seconds": BAD_PERSIST, "state": BAD_STATES, "load": BAD_LOADS}
 GOOD_BY_KIND: dict[str, list[Any]] = {"ns": GOOD_NAMES, "service": GOOD_NAMES, "uid": GOOD_UIDS, "pod_id": GOOD_POD_IDS,
-                "persist_seconds": GOOD_PERSIST, "state": GOOD_STATES}
+                "persist_seconds": GOOD_PERSIST, "state": GOOD_STATES, "load": GOOD_LOADS}
 
 
 def spoiled_calls() -> list[tuple[str, list[Any], str]]:
@@ -85,13 +90,15 @@ SPOILED = spoiled_calls()
 
 
 def test_the_method_table_is_the_contract() -> None:
-    assert SECTION_2 <= set(METHODS)
+    assert set(METHODS) == set(VALID)
     expected = {
         "set_service_state": ("ns", "service", "pod_id", "state"),
         "get_workload_state_batch": ("ns", "services"),
         "batch_get_linked_pod": ("ns", "uids", "service"),
         "remove_linked_pod_with_id": ("ns", "uid", "service", "persist_seconds", "pod_id"),
         "get_link_service": ("ns", "uid"),
+        "report_pod_load": ("ns", "service", "pod_id", "load"),
+        "compute_linked_pod": ("ns", "uid", "service", "persist_seconds"),
     }
     for method, params in expected.items():
         assert METHODS[method].params == params
@@ -137,7 +144,7 @@ def test_lists_up_to_the_configured_size() -> None:
         validate("get_workload_state_batch", ["g", ["s"] * 10_001], Config())
 
 
-@pytest.mark.parametrize("method", sorted(SECTION_2))
+@pytest.mark.parametrize("method", sorted(VALID))
 def test_wrong_arity_is_invalid_argument(method: str) -> None:
     params = VALID[method]
     for wrong in (params[:-1] if params else None, [*params, "extra"]):
@@ -224,3 +231,50 @@ def test_ping_does_not_need_redis() -> None:
         pong, health = run_async(body)
     assert pong == "PONG"
     assert health["ready"] is False
+
+
+def _wire_cases() -> list[tuple[bytes, str]]:
+    """SPOILED as request bytes (msgid = index) with the param each error must name. Values that
+    msgpack cannot carry (2**64) or carries as something else (a tuple is an array) are left out;
+    a lone surrogate goes out as the non-UTF-8 bytes it stands for."""
+    cases = []
+    for msgid, (method, params, param) in enumerate(SPOILED):
+        if any(type(p) is tuple for p in params):
+            continue
+        try:
+            request = msgpack.packb([0, msgid, method, params], unicode_errors="surrogateescape")
+        except OverflowError:
+            continue
+        cases.append((request, param))
+    return cases
+
+
+def test_over_the_wire_every_bad_value_is_refused_and_redis_untouched(redis_server: RedisServer,
+                                                                      redis_db: redis.Redis) -> None:
+    # The daemon's own path (the hot methods have theirs), with this module's list bound.
+    daemon = Daemon(redis_server.url, args=["--max-list-items", str(CONFIG.max_list_items)]).start()
+    try:
+        cases = _wire_cases()
+        before = command_counts(redis_db)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(daemon.socket_path)
+            s.sendall(b"".join(request for request, _ in cases))
+            unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+            replies: dict[int, Any] = {}
+            while len(replies) < len(cases):
+                data = s.recv(1 << 16)
+                assert data, "the daemon closed the connection"
+                unpacker.feed(data)
+                replies.update((message[1], message[2]) for message in unpacker)
+        after = command_counts(redis_db)
+    finally:
+        daemon.cleanup()
+    for request, param in cases:
+        msgid = msgpack.unpackb(request, unicode_errors="surrogateescape")[1]
+        error = replies[msgid]
+        assert error["code"] == "INVALID_ARGUMENT" and error["message"].startswith(param), (request, error)
+    # The daemon's start-up (PING, SCRIPT LOAD, ...) and health probes came before `before`.
+    assert {k: v for k, v in after.items() if k != "cmdstat_ping"} == \
+        {k: v for k, v in before.items() if k != "cmdstat_ping"}
+    assert redis_db.dbsize() == 0
