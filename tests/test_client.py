@@ -393,3 +393,22 @@ def test_aclose_fails_pending_calls_and_refuses_new_ones(daemon: Daemon) -> None
                 pass
 
     asyncio.run(scenario())
+
+
+@FLAVOURS
+def test_default_timeout_of_the_lean_path(flavour: str, daemon: Daemon) -> None:
+    # Calls without timeout_s= take the shells' lean path: the AsyncClient's per-connection
+    # deadline sweep, the blocking Client's kernel timeouts (SO_RCVTIMEO) instead of poll().
+    with flavour_call(flavour, daemon.socket_path, timeout_s=0.3) as call:
+        call("set_linked_pod", "lean", "before", "svc", 1, -1)
+        with stopped(daemon):
+            started = time.monotonic()
+            with pytest.raises(ClientTimeoutError) as excinfo:
+                call("set_linked_pod", "lean", "stale", "svc", 7, -1)
+            elapsed_s = time.monotonic() - started
+            assert isinstance(excinfo.value, TimeoutError)
+            assert "set_linked_pod" in str(excinfo.value)
+            assert 0.25 <= elapsed_s < 1.0, elapsed_s
+        assert call("get_linked_pod", "lean", "before", "svc") == 1
+        assert call("get_linked_pod", "lean", "stale", "svc") == 7  # the late write did run
+        assert [call("ping") for _ in range(50)] == ["PONG"] * 50

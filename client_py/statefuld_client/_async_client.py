@@ -12,7 +12,7 @@ from typing import Any, cast
 
 from statefuld_client._async_api import AsyncAPI
 from statefuld_client._paths import default_socket_path
-from statefuld_client._wire import MSGID_MASK, Decoder, Encoder, unwrap
+from statefuld_client._wire import MSGID_MASK, Decoder, Encoder, server_error, unwrap
 from statefuld_client.errors import (
     ClientClosedError,
     ClientTimeoutError,
@@ -27,6 +27,9 @@ from statefuld_client.errors import (
 DEFAULT_TIMEOUT_S = 5.0
 # aclose() lets the transport flush queued notifications this long before aborting it.
 _CLOSE_FLUSH_S = 1.0
+# Calls with the client's default timeout are expired by one sweep per connection, this often,
+# instead of a loop timer each (a timer per call cost more than the rest of the call's bookkeeping).
+_SWEEP_INTERVAL_S = 0.01
 
 
 class _NotSent(Exception):
@@ -46,6 +49,11 @@ class _Connection(asyncio.Protocol):
         self.sock = sock
         self.transport: asyncio.Transport | None = None
         self.pending: dict[int, asyncio.Future[Any]] = {}
+        # Futures of calls with the client's default timeout -> deadline. All share one timeout,
+        # so insertion order is deadline order and the sweep only looks at the front.
+        self.deadlines: dict[asyncio.Future[Any], tuple[float, str]] = {}
+        self.default_timeout_s = 0.0
+        self._sweep: asyncio.TimerHandle | None = None
         self.lost = False
         self.closed: asyncio.Future[None] = loop.create_future()
         self._decoder = Decoder()
@@ -91,6 +99,28 @@ class _Connection(asyncio.Protocol):
             self._drained.set_result(None)
         if not self.closed.done():
             self.closed.set_result(None)
+
+    def expire_at(self, future: asyncio.Future[Any], deadline: float, method: str) -> None:
+        self.deadlines[future] = (deadline, method)
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines)
+
+    def _sweep_deadlines(self) -> None:
+        self._sweep = None
+        deadlines = self.deadlines
+        if not deadlines:
+            return
+        now = self.loop.time()
+        expired = []
+        for future, (deadline, method) in deadlines.items():
+            if deadline > now:
+                break
+            expired.append((future, method))
+        for future, method in expired:
+            del deadlines[future]
+            _expire(future, method, self.default_timeout_s)
+        if deadlines:
+            self._sweep = self.loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines)
 
     def pause_writing(self) -> None:
         self._drained = self.loop.create_future()
@@ -177,6 +207,7 @@ class AsyncClient(AsyncAPI):
         self._connect_lock: asyncio.Lock | None = None
         self._connect_lock_loop: asyncio.AbstractEventLoop | None = None
         self._encoder = Encoder()
+        self._packer = self._encoder.packer
         self._msgid = 0
         self._closed = False
 
@@ -224,12 +255,49 @@ class AsyncClient(AsyncAPI):
     # -- the two primitives the API calls -----------------------------------------------------------
 
     async def _call(self, method: str, params: list[Any], timeout_s: float | None, is_read: bool) -> Any:
+        # The common call, kept lean (its CPU competes with the daemon's on a shared host): a
+        # live connection on this loop with room to write, the default timeout, no retry.
+        conn = self._conn
+        loop = asyncio.get_running_loop()
+        if timeout_s is None and conn is not None and conn.loop is loop and not conn.lost \
+                and conn._drained is None and not self._closed:
+            msgid = (self._msgid + 1) & MSGID_MASK
+            pending = conn.pending
+            if msgid not in pending:
+                self._msgid = msgid
+                future = loop.create_future()
+                pending[msgid] = future
+                deadlines = conn.deadlines
+                conn.default_timeout_s = self.timeout_s
+                deadline = loop.time() + self.timeout_s
+                conn.expire_at(future, deadline, method)
+                try:
+                    conn.send(self._packer.pack([0, msgid, method, params]), msgid)
+                    reply = await future
+                except _NotSent:
+                    pass  # nothing reached the daemon: the full path tries once more
+                except ConnectionLostError as exc:
+                    if not is_read or self._closed:
+                        raise self._lost(method) from exc.__cause__
+                else:
+                    if reply[2] is None:
+                        return reply[3]
+                    raise server_error(reply[2])
+                finally:
+                    deadlines.pop(future, None)
+                    # Still there if cancelled or timed out: forget it, so its reply is dropped.
+                    pending.pop(msgid, None)
+                return await self._call_full(method, params, timeout_s, is_read, retried=True, deadline=deadline)
+        return await self._call_full(method, params, timeout_s, is_read)
+
+    async def _call_full(self, method: str, params: list[Any], timeout_s: float | None, is_read: bool,
+                         retried: bool = False, deadline: float | None = None) -> Any:
         if self._closed:
             raise ClientClosedError("this AsyncClient was closed; create a new one")
         loop = asyncio.get_running_loop()
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        deadline = loop.time() + timeout_s
-        retried = False
+        if deadline is None:
+            deadline = loop.time() + timeout_s
         while True:
             conn = await self._ready_connection(loop, method, deadline)
             msgid = self._next_msgid(conn)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import select
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -35,6 +34,7 @@ _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 # A full listen backlog (a stalled daemon) makes a non-blocking AF_UNIX connect fail with EAGAIN
 # rather than wait; we retry at this pace until the call's deadline.
 _CONNECT_RETRY_S = 0.005
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
 
 
 class _NotSent(Exception):
@@ -68,8 +68,9 @@ class Client(SyncAPI):
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
-        self._poll_in = select.poll()
-        self._poll_out = select.poll()
+        # The socket is in blocking mode, bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO): a call
+        # is one send() and one recv(), no poll() before each. The bound last set, in seconds:
+        self._io_timeout_s = -1.0
         self._encoder = Encoder()
         self._decoder = Decoder()
         self._buffer = bytearray(RECV_SIZE)
@@ -114,7 +115,8 @@ class Client(SyncAPI):
 
     def _call(self, method: str, params: list[Any], timeout_s: float | None, is_read: bool) -> Any:
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        self._acquire(method, deadline)
+        if self._closed or not self._lock.acquire(False):  # uncontended: no timed wait
+            self._acquire(method, deadline)
         try:
             retried = False
             while True:
@@ -176,7 +178,7 @@ class Client(SyncAPI):
             raise ClientClosedError("this Client was closed; create a new one")
         path = self.socket_path
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)  # every wait below is a poll bounded by the call's deadline
+        sock.setblocking(False)  # a full backlog gives EAGAIN at once; retried below up to the deadline
         try:
             while True:
                 try:
@@ -201,11 +203,9 @@ class Client(SyncAPI):
         except OSError as exc:
             sock.close()
             raise TransportError(f"cannot connect to {path}: {exc}") from exc
+        sock.setblocking(True)
         self._sock = sock
-        self._poll_in = select.poll()
-        self._poll_in.register(sock, select.POLLIN)
-        self._poll_out = select.poll()
-        self._poll_out.register(sock, select.POLLOUT)
+        self._io_timeout_s = -1.0
         self._decoder = Decoder()
         _connected.add(self)
         return sock
@@ -216,57 +216,76 @@ class Client(SyncAPI):
             # close() without shutdown(): after a fork the parent still uses this connection.
             sock.close()
 
-    def _wait(self, poll: select.poll, deadline: float) -> bool:
-        timeout_ms = max(math.ceil((deadline - time.monotonic()) * 1000), 0)
-        return bool(poll.poll(timeout_ms))
+    def _bound_io(self, sock: socket.socket, deadline: float) -> bool:
+        """Bound the next send/recv by what is left until ``deadline``; False if nothing is left.
+
+        The kernel's timeouts are set only when the bound changes (per call it is usually the
+        same timeout_s), so the common call costs no extra syscall. Rounded up to a millisecond,
+        as the poll() it replaces did; 0 would mean "no timeout" to the kernel.
+        """
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            return False
+        bound_s = -(-remaining_s // 0.001) * 0.001
+        if abs(bound_s - self._io_timeout_s) > 0.0015:
+            seconds = int(bound_s)
+            timeval = _TIMEVAL.pack(seconds, int((bound_s - seconds) * 1e6) or 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            self._io_timeout_s = bound_s
+        return True
 
     def _send(self, sock: socket.socket, payload: bytes, method: str, deadline: float) -> None:
-        try:
-            sent = sock.send(payload, _SEND_FLAGS)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise _NotSent from exc
-        if sent == len(payload):
-            return
-        # Slow path: the socket buffer is full, the daemon is not reading.
-        view = memoryview(payload)
-        while sent < len(payload):
-            if not self._wait(self._poll_out, deadline):
-                if sent:
+        sent = 0
+        view: memoryview | None = None
+        while True:
+            if not self._bound_io(sock, deadline):
+                sent = -1
+            else:
+                try:
+                    sent += sock.send(payload if view is None else view[sent:], _SEND_FLAGS)
+                except BlockingIOError:  # SO_SNDTIMEO passed: the daemon is not reading
+                    sent = -1 if sent == 0 else -sent - 1
+                except OSError as exc:
+                    if sent:
+                        self._drop()
+                    raise _NotSent from exc  # the daemon never runs half a message
+            if sent == len(payload):
+                return
+            if sent < 0:
+                if sent < -1:
                     self._drop()  # half a request on the wire: the stream is unusable
                 raise ClientTimeoutError(f"{method}: timed out sending to the daemon")
-            try:
-                sent += sock.send(view[sent:], _SEND_FLAGS)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise _NotSent from exc  # the daemon never runs half a message
+            view = memoryview(payload)  # a partial send: the socket buffer is full
 
     def _receive(self, sock: socket.socket, msgid: int, method: str, deadline: float) -> list[Any]:
+        # Nothing can be buffered for this call before its request left (one call at a time),
+        # so read first; what a read brings is then drained reply by reply.
         decoder = self._decoder
         while True:
             try:
-                reply = decoder.next_reply()
-            except ProtocolError:
-                self._drop()
-                raise
-            if reply is not None:
-                if reply[1] == msgid:
-                    return reply
-                continue  # the late reply of an earlier call that timed out
-            if not self._wait(self._poll_in, deadline):
-                # The connection stays: this call's late reply will be skipped by msgid.
-                raise ClientTimeoutError(f"{method}: no reply from the daemon within the timeout")
-            try:
+                if not self._bound_io(sock, deadline):
+                    raise BlockingIOError
                 n = sock.recv_into(self._buffer)
-            except BlockingIOError:
-                continue
+            except BlockingIOError:  # SO_RCVTIMEO passed
+                # The connection stays: this call's late reply will be skipped by msgid.
+                raise ClientTimeoutError(f"{method}: no reply from the daemon within the timeout") from None
             except OSError as exc:
                 raise ConnectionLostError(f"{method}: connection to the daemon lost: {exc}") from exc
             if n == 0:
                 raise ConnectionLostError(f"{method}: the daemon closed the connection before replying")
             decoder.feed(self._view[:n])
+            while True:
+                try:
+                    reply = decoder.next_reply()
+                except ProtocolError:
+                    self._drop()
+                    raise
+                if reply is None:
+                    break
+                if reply[1] == msgid:
+                    return reply
+                # else: the late reply of an earlier call that timed out
 
     def _forget_after_fork(self) -> None:
         # In the child: the parent owns the connection and may be mid-call on it (lock held, a

@@ -44,16 +44,17 @@ RECV_SIZE = 65536
 class Encoder:
     """Packs requests and notifications. Not thread-safe: one per connection, used under its lock."""
 
-    __slots__ = ("_packer",)
+    __slots__ = ("packer",)
 
     def __init__(self) -> None:
-        self._packer = msgpack.Packer(use_bin_type=True)
+        # Reused for every message (a shell's hot path may call packer.pack directly).
+        self.packer = msgpack.Packer(use_bin_type=True)
 
     def request(self, msgid: int, method: str, params: Any) -> bytes:
-        return self._packer.pack([REQUEST, msgid, method, params])  # type: ignore[no-any-return]
+        return self.packer.pack([REQUEST, msgid, method, params])  # type: ignore[no-any-return]
 
     def notification(self, method: str, params: Any) -> bytes:
-        return self._packer.pack([NOTIFICATION, method, params])  # type: ignore[no-any-return]
+        return self.packer.pack([NOTIFICATION, method, params])  # type: ignore[no-any-return]
 
 
 class Decoder:
