@@ -17,14 +17,11 @@ from typing import Any
 import pytest
 import redis
 from conftest import ExecutorRun, run_async
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from support import RedisServer, free_port, running
 
 from statefuld.config import Config
-from statefuld.errors import Internal, InvalidArgument, Unavailable
-from statefuld.executor import Executor, Keys
-from statefuld.rpc import check_name, check_uid
+from statefuld.errors import Internal, Unavailable
+from statefuld.executor import Executor
 
 NS, UID, SVC = "game", "alice", "lobby"
 HASH = "sf:{game:lk:alice}"
@@ -273,46 +270,6 @@ def test_key_prefix_is_configurable(with_executor: ExecutorRun, redis_db: redis.
         "tenant7:{game:workload:lobby}": "string",
     }
     assert redis_db.get("sf:{game:lk:alice}lobby") == "9"
-
-
-def _valid(check: Any, value: str) -> bool:
-    try:
-        check("p", value)
-    except InvalidArgument:
-        return False
-    return True
-
-
-# Small alphabets rich in what could make keys collide: the layout's own words, separators,
-# braces, spaces and non-ASCII; validation then keeps only the tuples the daemon would accept.
-def _strings(parts: list[str], max_parts: int) -> st.SearchStrategy[str]:
-    return st.lists(st.sampled_from(parts), min_size=1, max_size=max_parts).map("".join)
-
-
-_NAMES = _strings(["a", "lk", "state", "workload", "é", ":", "}"], 4).filter(lambda s: _valid(check_name, s))
-_UIDS = _strings(["a", "lk", "state", "é", ":", " ", "\u3000", "{", "}"], 6).filter(lambda s: _valid(check_uid, s))
-
-
-@settings(max_examples=300, deadline=None)
-@given(a=st.tuples(_NAMES, _UIDS, _NAMES), b=st.tuples(_NAMES, _UIDS, _NAMES))
-def test_distinct_valid_tuples_never_share_a_key(a: tuple[str, str, str], b: tuple[str, str, str]) -> None:
-    keys = Keys("sf")
-
-    def all_keys(ns: str, uid: str, service: str) -> dict[str, tuple[Any, ...]]:
-        # Each key with the part of the tuple it stands for.
-        return {
-            keys.link(ns, uid, service): ("link", ns, uid, service),
-            keys.link_hash(ns, uid): ("links", ns, uid),
-            keys.service_state(ns, service): ("state", ns, service),
-            keys.workload_state(ns, service): ("workload", ns, service),
-        }
-
-    of_a, of_b = all_keys(*a), all_keys(*b)
-    for key, meaning in of_a.items():
-        if key in of_b:
-            assert of_b[key] == meaning, f"{a} and {b} share {key!r}"
-    # Every key of one user lies in one Cluster slot: the same hash tag.
-    assert keys.link(*a).startswith(keys.link_hash(a[0], a[1]))
 
 
 # --- atomicity, script loading ----------------------------------------------------------------
