@@ -27,6 +27,9 @@ async def main():
     try:
         assert await ex.set_linked_pod("wheel", "alice", "lobby", 3, -1) is None
         assert await ex.try_set_linked_pod("wheel", "alice", "lobby", 4, -1) == (False, 3)
+        await ex.set_service_state("wheel", "lobby", 5, "Ready")
+        await ex.report_pod_load("wheel", "lobby", 5, 0)
+        assert await ex.compute_linked_pod("wheel", "bob", "lobby", -1) == 5
     finally:
         await ex.close()
 
@@ -34,8 +37,8 @@ asyncio.run(main())
 print("ok")
 """
 
-LINK_SCRIPTS = {"set_linked_pod", "try_set_linked_pod", "set_linked_pod_if_absent", "get_linked_pod_if_persist",
-                "remove_linked_pod", "remove_linked_pod_with_id"}
+KNOWN_SCRIPTS = {"set_linked_pod", "try_set_linked_pod", "set_linked_pod_if_absent", "get_linked_pod_if_persist",
+                "remove_linked_pod", "remove_linked_pod_with_id", "pick_pod", "report_pod_load"}
 
 
 def run(*args: str | Path, timeout_s: float = 240) -> str:
@@ -57,9 +60,11 @@ def test_sidecar_wheel_ships_the_scripts_and_runs_them(tmp_path: Path, redis_ser
     with zipfile.ZipFile(sidecar) as wheel:
         shipped = {Path(name).stem: wheel.read(name) for name in wheel.namelist()
                    if name.startswith("statefuld/lua_scripts/") and name.endswith(".lua")}
-    assert LINK_SCRIPTS <= set(shipped)
-    for name in LINK_SCRIPTS:  # byte for byte, so the SHAs match the other executors'
-        assert shipped[name] == (REPO / "lua_scripts" / f"{name}.lua").read_bytes()
+    # Every script of the repository (the contract's known ones at least), byte for byte, so the
+    # SHAs match the other executors'.
+    in_repo = {path.stem: path.read_bytes() for path in (REPO / "lua_scripts").glob("*.lua")}
+    assert KNOWN_SCRIPTS <= set(in_repo)
+    assert shipped == in_repo
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", venv)
@@ -71,3 +76,4 @@ def test_sidecar_wheel_ships_the_scripts_and_runs_them(tmp_path: Path, redis_ser
                             timeout=60, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
     assert redis_db.get("sf:{wheel:lk:alice}lobby") == "3"
+    assert redis_db.get("sf:{wheel:lk:bob}lobby") == "5"
