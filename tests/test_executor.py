@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import ExecutorRun, run_async
-from support import RedisServer, free_port, running
+from support import Daemon, RedisServer, free_port, rpc_call, running
 
 from statefuld.config import Config
 from statefuld.errors import Internal, Unavailable
@@ -137,12 +137,16 @@ def test_set_linked_pod_if_absent(with_executor: ExecutorRun, redis_db: redis.Re
     async def body(ex: Executor) -> Any:
         first = await ex.set_linked_pod_if_absent(NS, UID, SVC, 3, 60)
         second = await ex.set_linked_pod_if_absent(NS, UID, SVC, 4, -1)
-        return first, second
+        persistent = await ex.set_linked_pod_if_absent(NS, "bob", SVC, 7, -1)
+        return first, second, persistent, await ex.set_linked_pod_if_absent(NS, "bob", SVC, 8, 60)
 
-    assert with_executor(body) == (3, 3)
+    assert with_executor(body) == (3, 3, 7, 7)
     # The temporary link stayed exactly as it was: not made persistent, not listed.
-    assert keys_and_types(redis_db) == {LINK: "string"}
+    assert keys_and_types(redis_db) == {LINK: "string", "sf:{game:lk:bob}": "hash", "sf:{game:lk:bob}lobby": "string"}
     assert 59_000 < redis_db.pttl(LINK) <= 60_000
+    # The persistent one too: no TTL given, still listed.
+    assert redis_db.get("sf:{game:lk:bob}lobby") == "7" and redis_db.ttl("sf:{game:lk:bob}lobby") == -1
+    assert redis_db.hgetall("sf:{game:lk:bob}") == {SVC: "7"}
 
 
 def test_remove_linked_pod_now_and_with_a_linger(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
@@ -304,6 +308,56 @@ def test_scripts_flushed_from_redis_are_reloaded_invisibly(with_executor: Execut
     assert removed is True
     assert reloads >= 4
     assert redis_db.get(LINK) is None
+
+
+# --- over the wire, through the daemon -----------------------------------------------------------
+
+
+def test_end_to_end_through_the_daemon(daemon: Daemon, redis_db: redis.Redis) -> None:
+    def call(method: str, *params: Any) -> Any:
+        error, result = rpc_call(daemon.socket_path, method, list(params))
+        assert error is None, (method, error)
+        return result
+
+    assert call("set_linked_pod", NS, UID, SVC, 3, -1) is None
+    assert call("try_set_linked_pod", NS, UID, SVC, 4, 60) == [False, 3]  # an array on the wire
+    assert call("set_linked_pod_if_absent", NS, "bob", SVC, 5, 60) == 5
+    assert call("batch_get_linked_pod", NS, ["bob", "nobody", UID], SVC) == {3: [UID], 5: ["bob"]}
+    assert call("get_link_service", NS, UID) == {SVC: 3}
+    assert keys_and_types(redis_db) == {HASH: "hash", LINK: "string", "sf:{game:lk:bob}lobby": "string"}
+    assert redis_db.ttl(LINK) == -1 and 59 <= redis_db.ttl("sf:{game:lk:bob}lobby") <= 60
+
+    assert call("remove_linked_pod", NS, UID, SVC, 5) is True
+    assert call("get_linked_pod", NS, UID, SVC) == 3
+    assert call("get_linked_pod_if_persist", NS, UID, SVC) is None
+    assert keys_and_types(redis_db) == {LINK: "string", "sf:{game:lk:bob}lobby": "string"}
+    assert 4_000 < redis_db.pttl(LINK) <= 5_000
+
+    assert call("set_service_state", NS, SVC, 3, "Ready") is None
+    assert call("set_workload_state", NS, SVC, "Serving") is None
+    assert call("get_service_state", NS, SVC) == {3: "Ready"}
+    assert call("get_workload_state_batch", NS, [SVC, "chat"]) == {SVC: "Serving"}
+
+
+def test_scripts_flushed_from_redis_are_reloaded_invisibly_over_the_wire(daemon: Daemon,
+                                                                         redis_db: redis.Redis) -> None:
+    # Every script once after a SCRIPT FLUSH, through the daemon: no caller sees NOSCRIPT.
+    calls: list[tuple[str, list[Any], Any]] = [
+        ("set_service_state", [NS, SVC, 1, "Ready"], None),
+        ("report_pod_load", [NS, SVC, 1, 0], None),
+        ("compute_linked_pod", [NS, "carol", SVC, -1], 1),
+        ("set_linked_pod", [NS, UID, SVC, 3, -1], None),
+        ("try_set_linked_pod", [NS, UID, SVC, 4, -1], [False, 3]),
+        ("set_linked_pod_if_absent", [NS, UID, SVC, 4, -1], 3),
+        ("get_linked_pod_if_persist", [NS, UID, SVC], 3),
+        ("remove_linked_pod_with_id", [NS, UID, SVC, -1, 4], False),
+        ("remove_linked_pod", [NS, UID, SVC, -1], True),
+    ]
+    for method, params, expected in calls:
+        redis_db.script_flush()
+        assert rpc_call(daemon.socket_path, method, params) == (None, expected), method
+    assert keys_and_types(redis_db) == {"sf:{game:state:lobby}": "hash", "sf:{game:state:lobby}load": "hash",
+                                        "sf:{game:lk:carol}": "hash", "sf:{game:lk:carol}lobby": "string"}
 
 
 # --- errors ----------------------------------------------------------------------------------
