@@ -13,7 +13,7 @@ import uvloop
 from support import RedisServer, free_port, short_tmpdir
 
 from statefuld.errors import Unavailable
-from statefuld.redis_mux import Endpoint, RedisMux, ReplyError
+from statefuld.redis_mux import Endpoint, RedisMux, ReplyError, Waiter
 
 _T = TypeVar("_T")
 
@@ -256,5 +256,54 @@ def test_script_flush_in_the_middle_of_a_batch_is_invisible_to_callers(url: str)
         assert scripts.reloads >= 1
         values = await mux.execute("MGET", *[f"sf:{{t:lk:u{i}}}svc" for i in range(100)])
         assert values == [str(i).encode() for i in range(100)]
+
+    run(lambda: with_mux(url, body))
+
+
+class _Owner:
+    def __init__(self, got: dict[int, Any]) -> None:
+        self.got = got
+        self.flushes: list[int] = []
+
+    def flush(self) -> None:
+        self.flushes.append(len(self.got))
+
+
+class _Recorder(Waiter):
+    __slots__ = ("index", "owner")
+
+    def __init__(self, owner: _Owner, index: int) -> None:
+        self.owner, self.index = owner, index
+
+    def reply(self, value: Any) -> Any:
+        self.owner.got[self.index] = value
+        return self.owner  # the same owner for many replies of one read: flushed once
+
+
+def test_waiters_get_replies_in_the_read_in_order_with_errors_and_one_flush_per_read(url: str) -> None:
+    async def body(mux: RedisMux) -> None:
+        await mux.connect()
+        got: dict[int, Any] = {}
+        owner = _Owner(got)
+        flushes = owner.flushes
+        waiters = [_Recorder(owner, i) for i in range(6)]
+        # Waiters and futures interleaved in one write: each reply reaches the one it answers.
+        assert mux.execute_to(waiters[0], "SET", "w", "1")
+        future = mux.execute("GET", "w")
+        assert mux.execute_to(waiters[1], "GET", "w")
+        assert mux.execute_to(waiters[2], "EVALSHA", "0" * 40, 0)  # NOSCRIPT, as a value
+        assert mux.execute_to(waiters[3], "INCR", "w")
+        assert await future == b"1"
+        await asyncio.sleep(0.05)
+        assert (got[0], got[1], got[3]) == (b"OK", b"1", 2)
+        assert isinstance(got[2], ReplyError) and got[2].code == "NOSCRIPT"
+        assert 1 <= len(flushes) <= 2 and flushes[-1] == 4  # each owner once per read, after the read
+        # A lost connection hands each waiter still waiting an Unavailable.
+        assert mux.execute_to(waiters[4], "BLPOP", "nothing", 0)
+        await asyncio.sleep(0.05)
+        await mux.close()
+        await asyncio.sleep(0.05)
+        assert isinstance(got[4], Unavailable)
+        assert not mux.execute_to(waiters[5], "PING")  # not connected: the caller uses execute()
 
     run(lambda: with_mux(url, body))

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from statefuld.config import Config
 from statefuld.errors import Internal, Unavailable
-from statefuld.redis_mux import Endpoint, RedisMux, ReplyError
+from statefuld.redis_mux import Endpoint, RedisMux, ReplyError, Waiter
 from statefuld.scripts import Scripts, load_scripts
 from statefuld.topology import ClusterTransport, SentinelTransport, SentinelUrl, detect_cluster, is_sentinel_url
 
@@ -51,6 +51,10 @@ class StandaloneTransport:
 
     def execute_any(self, *args: Any) -> Awaitable[Any]:
         return self._mux.execute(*args)
+
+    def execute_to(self, waiter: Waiter, route_key: str, *args: Any) -> bool:
+        """The reply to ``waiter`` (redis_mux.Waiter); False if it must go through ``execute``."""
+        return self._mux.execute_to(waiter, *args)
 
     def group_by_node(self, keys: Sequence[str]) -> list[list[int]]:
         return [list(range(len(keys)))] if keys else []
@@ -181,6 +185,9 @@ class Executor:
         load_stale_ms: int = 10_000,
     ) -> None:
         self._redis = transport
+        # Transports that can hand a reply to a redis_mux.Waiter (no future) have execute_to.
+        self._execute_to: Callable[..., bool] | None = getattr(transport, "execute_to", None)
+        self._set_linked_pod_sha = scripts["set_linked_pod"].sha
         self._scripts = scripts
         self.keys = keys
         self._routable_states = tuple(routable_states)
@@ -337,21 +344,28 @@ class Executor:
         key = self.keys.link(ns, uid, service)
         return _pod_id(await self._call(key, "GET", key))
 
-    # --- the hot path: the reply's future and how to decode it, no coroutine --------------------
-    # The server answers from the future's done-callback (rpc.Dispatcher.start); an error reply
-    # reaches it as the future's exception and goes through reply_error (NOSCRIPT: the full path).
+    # --- the hot path: the command sent, no coroutine --------------------------------------------
+    # The raw reply goes to ``waiter`` (then the awaitable returned is None) or, on transports
+    # without execute_to, to the future returned; the second item decodes it. The server answers
+    # from there (rpc.Dispatcher.start); an error reply reaches it as a ReplyError and goes
+    # through reply_error (NOSCRIPT: the full path, which reloads the script).
 
-    def begin_get_linked_pod(self, ns: str, uid: str, service: str) -> tuple[Awaitable[Any], Callable[[Any], Any]]:
+    def begin_get_linked_pod(
+        self, ns: str, uid: str, service: str, waiter: Waiter | None = None
+    ) -> tuple[Awaitable[Any] | None, Callable[[Any], Any]]:
         key = self.keys.link(ns, uid, service)
+        if waiter is not None and self._execute_to is not None and self._execute_to(waiter, key, "GET", key):
+            return None, _pod_id
         return self._redis.execute(key, "GET", key), _pod_id
 
     def begin_set_linked_pod(
-        self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int
-    ) -> tuple[Awaitable[Any], Callable[[Any], Any]]:
+        self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int, waiter: Waiter | None = None
+    ) -> tuple[Awaitable[Any] | None, Callable[[Any], Any]]:
         hash_key, key = self._link_keys(ns, uid, service)
-        sha = self._scripts["set_linked_pod"].sha
-        args = (sha, 2, hash_key, key, service, pod_id, persist_seconds)
-        return self._redis.execute(hash_key, "EVALSHA", *args), _pod_id
+        args = ("EVALSHA", self._set_linked_pod_sha, 2, hash_key, key, service, pod_id, persist_seconds)
+        if waiter is not None and self._execute_to is not None and self._execute_to(waiter, hash_key, *args):
+            return None, _pod_id
+        return self._redis.execute(hash_key, *args), _pod_id
 
     @staticmethod
     def reply_error(exc: ReplyError) -> Exception:

@@ -21,6 +21,7 @@ import msgpack
 
 from statefuld.config import Config
 from statefuld.errors import RpcError
+from statefuld.redis_mux import Waiter
 
 log = logging.getLogger("statefuld.protocol")
 
@@ -47,28 +48,45 @@ _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SWEEP_INTERVAL_S: Final = 0.01
 # The message of the cancellation the sweep sends, so a request can tell it from a shutdown's.
 _DEADLINE_PASSED: Final = "statefuld: the request's deadline passed"
+# After the drain bound: how long cancelled Tasks get to end.
+_DRAIN_CANCEL_S: Final = 2.0
 
 
 class Dispatcher(Protocol):
     """rpc.Dispatcher as the connections use it (see its docstring)."""
 
-    def start(self, method: str, params: list[Any], /) -> tuple[Awaitable[Any], Callable[[Any], Any] | None]: ...
+    def start(self, method: str, params: list[Any], waiter: Waiter | None, /
+              ) -> tuple[Awaitable[Any] | None, Callable[[Any], Any] | None]: ...
     def recover(self, method: str, params: list[Any], exc: BaseException, /) -> Awaitable[Any]: ...
 
 
-class _Call:
-    """One request or notification being executed: what its done-callback needs to answer it."""
+class _Call(Waiter):
+    """One request or notification being executed, and how it is answered.
 
-    __slots__ = ("conn", "deadline", "decode", "method", "msgid", "params")
+    The hot path hands it to redis_mux as the command's Waiter: the reply is answered inside the
+    read that brought it and leaves in that loop turn's write (no future, no Task, no extra loop
+    turn). Otherwise ``future`` (a Task, or a transport's future) answers it from its done-callback.
+    ``finished`` once answered (or expired): a reply that arrives later is dropped.
+    """
 
-    def __init__(self, conn: RpcProtocol, msgid: int | None, method: str, params: list[Any],
-                 decode: Callable[[Any], Any] | None, deadline: float) -> None:
+    __slots__ = ("conn", "deadline", "decode", "finished", "future", "method", "msgid", "params")
+
+    def __init__(self, conn: RpcProtocol, msgid: int | None, method: str, params: list[Any], deadline: float) -> None:
         self.conn = conn
         self.msgid = msgid
         self.method = method
         self.params = params
-        self.decode = decode
+        self.decode: Callable[[Any], Any] | None = None
         self.deadline = deadline
+        self.future: asyncio.Future[Any] | None = None
+        self.finished = False
+
+    def reply(self, value: Any) -> RpcProtocol | None:
+        return self.conn._answer_reply(self, value)
+
+    def future_done(self, future: asyncio.Future[Any]) -> None:
+        if future is self.future:  # not a future this call has since moved on from
+            self.conn._answer(self, future)
 
 
 class ServerState:
@@ -82,11 +100,10 @@ class ServerState:
         self.max_in_flight = config.max_in_flight
         self.allow_uids = frozenset(config.allow_uid)
         self.allow_gids = frozenset(config.allow_gid)
-        # Requests and notifications being executed, daemon-wide: the awaitable each waits on (the
-        # Redis reply's future on the hot path, else a Task) -> its _Call; each is answered and
-        # removed by _call_done. Every deadline is arrival + timeout_s, so insertion order is
-        # deadline order and the sweep only looks at the front (see _sweep_deadlines).
-        self.tasks: dict[asyncio.Future[Any], _Call] = {}
+        # Requests and notifications being executed, daemon-wide (a dict used as an ordered set);
+        # each is removed when answered. Every deadline is arrival + timeout_s, so insertion
+        # order is deadline order and the sweep only looks at the front (see _sweep_deadlines).
+        self.tasks: dict[_Call, None] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self.in_flight = 0
         self.connections: set[RpcProtocol] = set()
@@ -103,37 +120,42 @@ class ServerState:
         self._failures_not_logged = 0
         self.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
 
-    def track(self, future: asyncio.Future[Any], call: _Call, loop: asyncio.AbstractEventLoop) -> None:
+    def track(self, call: _Call, loop: asyncio.AbstractEventLoop) -> None:
         # One timer for all requests instead of asyncio.timeout_at per request: a per-request
         # timer (a libuv timer under uvloop) and current_task() cost more than the rest of a
         # get_linked_pod's handling in the daemon (docs/BENCHMARKS.md, profile).
-        self.tasks[future] = call
-        future.add_done_callback(self._call_done)
+        self.tasks[call] = None
         if self._sweep is None:
             self._sweep = loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines, loop)
-
-    def _call_done(self, future: asyncio.Future[Any]) -> None:
-        call = self.tasks.pop(future, None)
-        if call is not None:
-            call.conn._answer(call, future)
 
     def _sweep_deadlines(self, loop: asyncio.AbstractEventLoop) -> None:
         self._sweep = None
         now = loop.time()
         expired = []
-        for future, call in self.tasks.items():
+        for call in self.tasks:
             if call.deadline > now:
                 break
-            if future.done():
-                continue
-            # One cancel per task: a second one would also interrupt the cleanup the first started.
-            if isinstance(future, asyncio.Task) and future.cancelling():
-                continue
-            expired.append(future)
-        for future in expired:
-            future.cancel(_DEADLINE_PASSED)
+            expired.append(call)
+        for call in expired:
+            call.conn._expire(call, _TIMEOUT)
         if self.tasks:
             self._sweep = loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines, loop)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Shutdown: wait up to ``timeout_s`` for the calls in flight to be answered; answer the
+        rest UNAVAILABLE (their Tasks cancelled), then give those Tasks a moment to end."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout_s
+        while self.tasks and loop.time() < until:
+            await asyncio.sleep(_SWEEP_INTERVAL_S)
+        if not self.tasks:
+            return
+        log.warning("%d requests still in flight after %ss: cancelling them", len(self.tasks), timeout_s)
+        tasks = [call.future for call in self.tasks if call.future is not None]
+        for call in list(self.tasks):
+            call.conn._expire(call, _SHUTTING_DOWN)
+        if tasks:
+            await asyncio.wait(tasks, timeout=_DRAIN_CANCEL_S)
 
     def peer_allowed(self, uid: int, gid: int) -> bool:
         if not self.allow_uids and not self.allow_gids:
@@ -341,9 +363,10 @@ class RpcProtocol(asyncio.Protocol):
             state.notifications += 1
         else:
             state.requests += 1
+        call = _Call(self, msgid, method, params, deadline)
         try:
             # Validates and starts the call; a rejected call (nothing sent to Redis) raises here.
-            awaitable, decode = state.start(method, params)
+            awaitable, call.decode = state.start(method, params, call)
         except RpcError as exc:
             self._finish(msgid, method, exc.to_wire(), None)
             return
@@ -352,52 +375,105 @@ class RpcProtocol(asyncio.Protocol):
             return
         state.in_flight += 1
         self._pending += 1
-        self._execute(awaitable, _Call(self, msgid, method, params, decode, deadline))
+        loop = self._loop
+        assert loop is not None
+        state.track(call, loop)
+        if awaitable is not None:
+            self._await(call, awaitable)
 
     # --- execution ---------------------------------------------------------------------------
 
-    def _execute(self, awaitable: Awaitable[Any], call: _Call) -> None:
-        loop = self._loop
-        assert loop is not None
-        # The hot path's awaitable is the Redis reply's future: answered from its done-callback,
-        # no Task. Anything else (a coroutine) runs as a Task, answered the same way.
-        future = awaitable if isinstance(awaitable, asyncio.Future) else loop.create_task(awaitable)  # type: ignore[arg-type]
-        self._state.track(future, call, loop)
+    def _await(self, call: _Call, awaitable: Awaitable[Any]) -> None:
+        # A future (a transport without waiters) is answered from its done-callback; anything
+        # else (a coroutine) runs as a Task, answered the same way.
+        future = awaitable if isinstance(awaitable, asyncio.Future) else self._loop.create_task(awaitable)  # type: ignore[union-attr, arg-type]
+        call.future = future
+        future.add_done_callback(call.future_done)
+
+    def _answer_reply(self, call: _Call, value: Any) -> RpcProtocol | None:
+        """The hot path: redis_mux hands ``call`` its raw reply (or the error) during its read.
+        The reply is queued without scheduling a flush: redis_mux calls ``flush`` after the read."""
+        if call.finished:
+            return None  # expired or shut down meanwhile: this late reply is dropped
+        try:
+            if isinstance(value, BaseException):
+                raise value
+            decode = call.decode
+            self._done(call, None, value if decode is None else decode(value))
+        except RpcError as exc:
+            self._done(call, exc.to_wire(), None)
+        except Exception as exc:
+            self._recover(call, exc)
+        return self
 
     def _answer(self, call: _Call, future: asyncio.Future[Any]) -> None:
-        """The awaitable of ``call`` is done: send its reply (or count its failure)."""
-        state = self._state
-        msgid, method = call.msgid, call.method
-        if future.cancelled():
-            # Two things cancel requests: the deadline sweep and, after the drain bound, the shutdown.
-            if state.draining and self._loop.time() < call.deadline:  # type: ignore[union-attr]
-                self._finish(msgid, method, _SHUTTING_DOWN, None)
-            else:
-                state.timeouts += 1
-                self._finish(msgid, method, _TIMEOUT, None)
+        """The future of ``call`` is done: send its reply (or count its failure)."""
+        if call.finished:
+            return
+        if future.cancelled():  # not by us (we answer before we cancel): treat as the deadline's
+            self._expire(call, _TIMEOUT)
+            return
+        exc = future.exception()
+        try:
+            if exc is not None:
+                raise exc
+            result = future.result()
+            decode = call.decode
+            self._done(call, None, result if decode is None else decode(result))
+        except RpcError as error:
+            self._done(call, error.to_wire(), None)
+        except Exception as error:
+            self._recover(call, error)
+        if self._out and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)  # type: ignore[union-attr]
+
+    def _recover(self, call: _Call, exc: Exception) -> None:
+        # Not an RpcError: a Redis error reply on the hot path (NOSCRIPT continues on the full
+        # path, keeping the call's place and deadline), or a bug.
+        try:
+            retry = self._state.recover(call.method, call.params, exc)
+        except RpcError as error:
+            self._done(call, error.to_wire(), None)
+        except Exception as error:
+            self._done(call, None, None, internal=error)
         else:
-            exc = future.exception()
-            try:
-                if exc is None:
-                    result = future.result()
-                    decode = call.decode
-                    self._finish(msgid, method, None, result if decode is None else decode(result))
-                elif isinstance(exc, RpcError):
-                    self._finish(msgid, method, exc.to_wire(), None)
-                elif isinstance(exc, TimeoutError) and self._loop.time() >= call.deadline:  # type: ignore[union-attr]
-                    state.timeouts += 1  # a recovery's own deadline (see _bounded)
-                    self._finish(msgid, method, _TIMEOUT, None)
-                else:
-                    # Not an RpcError: a Redis error reply on the hot path (NOSCRIPT continues on
-                    # the full path, with what is left of the deadline), or a bug.
-                    retry = state.recover(method, call.params, exc)
-                    self._execute(_bounded(retry, call.deadline), call)
-                    return  # still in flight
-            except RpcError as error:
-                self._finish(msgid, method, error.to_wire(), None)
-            except Exception:
-                self._internal_error(msgid, method, exc)
+            self._await(call, retry)
+
+    def _expire(self, call: _Call, error: dict[str, str]) -> None:
+        """The deadline passed (TIMEOUT) or the shutdown's drain bound (UNAVAILABLE): answer now;
+        a Task still working is cancelled, a Redis reply still to come is dropped."""
+        if call.finished:
+            return
+        if error is _TIMEOUT:
+            self._state.timeouts += 1
+        future = call.future
+        self._done(call, error, None)
+        if future is not None and not future.done():
+            future.cancel(_DEADLINE_PASSED)
+        if self._out and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)  # type: ignore[union-attr]
+
+    def _done(self, call: _Call, error: dict[str, str] | None, result: Any, *,
+              internal: BaseException | None = None) -> None:
+        """Answer ``call`` (queued, not flushed: the caller flushes) and account for its end."""
+        call.finished = True
+        state = self._state
+        state.tasks.pop(call, None)
         state.in_flight -= 1
+        msgid = call.msgid
+        if internal is not None:
+            state.internal_errors += 1
+            if msgid is None:
+                state.notification_failed(call.method, "INTERNAL", traceback=True)
+            else:
+                log.error("internal error in %s (msgid %d)", call.method, msgid, exc_info=internal)
+                self._queue_reply(msgid, _INTERNAL, None)
+        elif msgid is not None:
+            self._queue_reply(msgid, error, result)
+        elif error is not None:
+            state.notification_failed(call.method, f"{error['code']}: {error['message']}")
         self._request_done()
 
     def _finish(self, msgid: int | None, method: str, error: dict[str, str] | None, result: Any) -> None:
@@ -417,7 +493,7 @@ class RpcProtocol(asyncio.Protocol):
 
     # --- bytes out ---------------------------------------------------------------------------
 
-    def _reply(self, msgid: int, error: dict[str, str] | None, result: Any) -> None:
+    def _queue_reply(self, msgid: int, error: dict[str, str] | None, result: Any) -> None:
         if self._transport is None:
             return  # the peer went away; the work is done, the reply has nowhere to go
         try:
@@ -427,6 +503,9 @@ class RpcProtocol(asyncio.Protocol):
             log.exception("cannot encode the result of msgid %d", msgid)
             data = self._state.packer.pack([RESPONSE, msgid, _INTERNAL, None])
         self._out.append(data)
+
+    def _reply(self, msgid: int, error: dict[str, str] | None, result: Any) -> None:
+        self._queue_reply(msgid, error, result)
         if not self._flush_scheduled:
             # Replies that complete in the same loop turn leave in one write.
             self._flush_scheduled = True
@@ -477,13 +556,6 @@ class RpcProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
-
-
-async def _bounded(awaitable: Awaitable[Any], deadline: float) -> Any:
-    # A recovery is rare and runs after the call's entry in the deadline-ordered map: its own
-    # timer keeps its deadline, whatever the sweep reaches.
-    async with asyncio.timeout_at(deadline):
-        return await awaitable
 
 
 def protocol_factory(state: ServerState) -> Callable[[], RpcProtocol]:

@@ -67,6 +67,19 @@ class ReplyError(Exception):
         return self.message.split(" ", 1)[0]
 
 
+class Waiter:
+    """Takes a command's reply by a plain call, no future: ``reply`` runs inside the read that
+    brought the reply (so its caller's answer can leave in that same loop turn) with the raw
+    reply, a ``ReplyError``, or ``Unavailable`` when the connection is lost. It returns an object
+    whose ``flush()`` is to run once the whole read is handled (each such object once), or None.
+    It must not raise."""
+
+    __slots__ = ()
+
+    def reply(self, value: Any) -> Any:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where one Redis node is and how to set up a connection to it (what redis-py parsed)."""
@@ -127,7 +140,7 @@ class _Connection(asyncio.Protocol):
         self._loop = loop
         self._on_lost = on_lost
         self._reader = hiredis.Reader(replyError=ReplyError, notEnoughData=_NOT_ENOUGH_DATA)
-        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._waiting: deque[asyncio.Future[Any] | Waiter] = deque()
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._transport: asyncio.Transport | None = None
@@ -155,6 +168,17 @@ class _Connection(asyncio.Protocol):
             self._loop.call_soon(self._flush)
         return future
 
+    def send_to(self, args: tuple[Any, ...], waiter: Waiter) -> None:
+        """As ``send``, the reply going to ``waiter``; raises ``Unavailable`` if the connection is lost."""
+        data = hiredis.pack_command(args)
+        if self.lost_reason is not None:
+            raise Unavailable(self.lost_reason)
+        self._out.append(data)
+        self._waiting.append(waiter)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         out = self._out
@@ -169,9 +193,18 @@ class _Connection(asyncio.Protocol):
         reader = self._reader
         reader.feed(data)
         waiting = self._waiting
+        flush: set[Any] | None = None
         try:
             while (reply := reader.gets()) is not _NOT_ENOUGH_DATA:
                 future = waiting.popleft()
+                if isinstance(future, Waiter):
+                    owner = future.reply(reply)
+                    if owner is not None:
+                        if flush is None:
+                            flush = {owner}
+                        else:
+                            flush.add(owner)
+                    continue
                 if future.done():  # its caller was cancelled: the reply is consumed and dropped
                     continue
                 if type(reply) is ReplyError:
@@ -182,6 +215,9 @@ class _Connection(asyncio.Protocol):
             self._fail("Redis sent a reply nobody asked for; connection dropped")
         except hiredis.ProtocolError as exc:
             self._fail(f"unparsable reply from Redis ({exc}); connection dropped")
+        if flush is not None:
+            for owner in flush:
+                owner.flush()
 
     # --- connection events -------------------------------------------------------------------
 
@@ -198,10 +234,17 @@ class _Connection(asyncio.Protocol):
         self.lost_reason = reason
         self._out.clear()
         waiting = self._waiting
+        flush = set()
         while waiting:
             future = waiting.popleft()
-            if not future.done():
+            if isinstance(future, Waiter):
+                owner = future.reply(Unavailable(reason))
+                if owner is not None:
+                    flush.add(owner)
+            elif not future.done():
                 future.set_exception(Unavailable(reason))
+        for owner in flush:
+            owner.flush()
         if not self.closed.done():
             self.closed.set_result(None)
         self._on_lost(self)
@@ -246,6 +289,16 @@ class RedisMux:
         if conn is not None:
             return conn.send(args)
         return self._execute_after_connect(args)
+
+    def execute_to(self, waiter: Waiter, *args: Any) -> bool:
+        """Queue one command whose reply goes to ``waiter``; False (nothing queued) while not
+        connected, when the caller should use ``execute``. Raises ``Unavailable`` as ``execute``
+        would fail."""
+        conn = self._conn
+        if conn is None:
+            return False
+        conn.send_to(args, waiter)
+        return True
 
     async def _execute_after_connect(self, args: tuple[Any, ...]) -> Any:
         conn = await self._connection()

@@ -15,7 +15,7 @@ from typing import Any
 from statefuld.config import Config
 from statefuld.errors import InvalidArgument, UnknownMethod
 from statefuld.executor import Executor
-from statefuld.redis_mux import ReplyError
+from statefuld.redis_mux import ReplyError, Waiter
 
 MAX_INT32 = 2**31 - 1
 NAME_MAX_BYTES = 128
@@ -187,7 +187,7 @@ class Dispatcher:
         self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
             name: getattr(executor, m.handler_name) for name, m in METHODS.items() if name != "ping"
         }
-        self._hot: dict[str, Callable[[Any], tuple[Awaitable[Any], Decode | None]]] = {
+        self._hot: dict[str, Callable[[Any, Waiter | None], tuple[Awaitable[Any] | None, Decode | None]]] = {
             "get_linked_pod": self._start_get_linked_pod,
             "set_linked_pod": self._start_set_linked_pod,
         }
@@ -202,11 +202,16 @@ class Dispatcher:
         result = await self._handlers[spec.name](*args)
         return _shape(result)
 
-    def start(self, method: Any, params: Any) -> tuple[Awaitable[Any], Decode | None]:
-        """Validate (raises RpcError at once) and start the call; see the class docstring."""
+    def start(
+        self, method: Any, params: Any, waiter: Waiter | None = None
+    ) -> tuple[Awaitable[Any] | None, Decode | None]:
+        """Validate (raises RpcError at once) and start the call; see the class docstring.
+
+        A hot method may hand its raw reply to ``waiter`` (redis_mux.Waiter) instead of a future:
+        then the awaitable returned is None."""
         hot = self._hot.get(method) if type(method) is str else None
         if hot is not None:
-            return hot(params)
+            return hot(params, waiter)
         spec, args = validate(method, params, self._config)
         if spec.name == "ping":
             done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -235,14 +240,14 @@ class Dispatcher:
         names_ok.add(checked)
         return checked
 
-    def _start_get_linked_pod(self, params: Any) -> tuple[Awaitable[Any], Decode | None]:
+    def _start_get_linked_pod(self, params: Any, waiter: Waiter | None) -> tuple[Awaitable[Any] | None, Decode | None]:
         if type(params) is not list or len(params) != 3:
             validate("get_linked_pod", params, self._config)  # raises the error naming what is wrong
         ns, uid, service = params
         return self._executor.begin_get_linked_pod(
-            self._name("ns", ns), _uid(uid), self._name("service", service))
+            self._name("ns", ns), _uid(uid), self._name("service", service), waiter)
 
-    def _start_set_linked_pod(self, params: Any) -> tuple[Awaitable[Any], Decode | None]:
+    def _start_set_linked_pod(self, params: Any, waiter: Waiter | None) -> tuple[Awaitable[Any] | None, Decode | None]:
         if type(params) is not list or len(params) != 5:
             validate("set_linked_pod", params, self._config)
         ns, uid, service, pod_id, persist_seconds = params
@@ -250,7 +255,8 @@ class Dispatcher:
         uid = _uid(uid)
         service = self._name("service", service)
         return self._executor.begin_set_linked_pod(
-            ns, uid, service, check_pod_id("pod_id", pod_id), check_persist_seconds("persist_seconds", persist_seconds))
+            ns, uid, service, check_pod_id("pod_id", pod_id), check_persist_seconds("persist_seconds", persist_seconds),
+            waiter)
 
 
 _NAMES_CACHED = 1024

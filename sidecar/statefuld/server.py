@@ -273,12 +273,7 @@ class Server:
         drain_s = self.config.drain_timeout_s
         if state.tasks:
             log.info("draining %d requests in flight (up to %ss)", len(state.tasks), drain_s)
-            _done, pending = await asyncio.wait(set(state.tasks), timeout=drain_s)
-            if pending:
-                log.warning("%d requests still in flight after %ss: cancelling them", len(pending), drain_s)
-                for task in pending:
-                    task.cancel()
-                await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT_S)
+            await state.drain(drain_s)
         closing = []
         for conn in list(state.connections):
             conn.close()
