@@ -211,10 +211,11 @@ def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: floa
     P, C, CH = args.processes, args.callers, args.callers_high
     bench = statistics.median(c.benchmark_ops)
     rows = ["| workload | statefuld ops/s | p50 ms | p99 ms | baseline | baseline ops/s | p50 ms | p99 ms |"
-            " ratio | target |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+            " ratio | target | met |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|"]
+    spreads: list[str] = []
 
     def line(name: str, base_name: str | None, base_label: str, target: str, *, latency: bool = False,
-             base_ops: float | None = None) -> None:
+             base_ops: float | None = None, goal: float | None = None) -> None:
         ops, p50, p99 = c.ops(name), c.p50(name), c.p99(name)
         # The ratio is the median of each round's ratio: the two rows of a round ran side by side,
         # so a noisy neighbour that slows a whole round cancels out of it.
@@ -222,32 +223,42 @@ def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: floa
         if base_name is not None:
             b_ops, b_p50, b_p99 = c.ops(base_name), c.p50(base_name), c.p99(base_name)
             base = c.samples[base_name]
-            ratio = statistics.median(
-                (m.p50_ms / b.p50_ms) if latency else (m.ops_s / b.ops_s) for m, b in zip(mine, base, strict=True))
+            ratios = [(m.p50_ms / b.p50_ms) if latency else (m.ops_s / b.ops_s)
+                      for m, b in zip(mine, base, strict=True)]
             base_cells = f"{b_ops:,.0f} | {b_p50:.3f} | {b_p99:.3f}"
         else:
             assert base_ops is not None
-            ratio = statistics.median(m.ops_s / b for m, b in zip(mine, c.benchmark_ops, strict=True))
+            ratios = [m.ops_s / b for m, b in zip(mine, c.benchmark_ops, strict=True)]
             base_cells = f"{base_ops:,.0f} | - | -"
+        ratio = statistics.median(ratios)
         ratio_text = f"{ratio:.2f}x" + (" p50" if latency else "")
+        met = "-" if goal is None else ("yes" if (ratio <= goal if latency else ratio >= goal) else "no")
         rows.append(f"| {name} | {ops:,.0f} | {p50:.3f} | {p99:.3f} | {base_label} | {base_cells} | {ratio_text} "
-                    f"| {target} |")
+                    f"| {target} | {met} |")
+        spreads.append(f"{name}: " + " / ".join(f"{r:.2f}" for r in ratios))
 
     for op in ("get_linked_pod", "set_linked_pod"):
-        line(f"{op} statefuld {P}x{C}", f"{op} direct {P}x{C}", f"direct redis-py asyncio {P}x{C}", ">= 4x")
+        line(f"{op} statefuld {P}x{C}", f"{op} direct {P}x{C}", f"direct redis-py asyncio {P}x{C}", ">= 4x", goal=4.0)
     for op in ("get_linked_pod", "set_linked_pod"):
         line(f"{op} statefuld {P}x{CH}", None, "redis-benchmark EVALSHA, 50 clients, -P 1", ">= 1.2x",
-             base_ops=bench)
+             base_ops=bench, goal=1.2)
     for op in ("get_linked_pod", "set_linked_pod"):
         line(f"{op} statefuld blocking 1", f"{op} direct blocking 1", "redis-py blocking, 1 caller", "<= 1.2x p50",
-             latency=True)
+             latency=True, goal=1.2)
     line(f"mixed statefuld {P}x{C}", f"mixed direct {P}x{C}", f"direct redis-py asyncio {P}x{C}", "reported")
+    def met(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    cpu = {name: statistics.median(s.client_cpu_us for s in samples) for name, samples in c.samples.items()}
     extra = [
         "",
-        f"- daemon RSS: idle {idle_mb:.1f} MB after seeding ({idle_fresh_mb:.1f} MB fresh; target < 40 MB), "
-        f"peak under load {c.load_rss_mb:.1f} MB (target < 80 MB)",
+        f"- daemon RSS: idle {idle_mb:.1f} MB after seeding ({idle_fresh_mb:.1f} MB fresh; target < 40 MB: "
+        f"{met(idle_mb < 40)}), peak under load {c.load_rss_mb:.1f} MB (target < 80 MB: {met(c.load_rss_mb < 80)})",
         f"- time from `statefuld serve` to `health` ready, external Redis: median {ready_s * 1000:.0f} ms "
-        "(target <= 1 s)",
+        f"(target <= 1 s: {met(ready_s <= 1.0)})",
+        "- per-round ratios, to show the spread: " + "; ".join(spreads),
+        "- CPU of the load processes per call (µs, median over rounds): "
+        + ", ".join(f"{name} {us:.1f}" for name, us in cpu.items()),
         f"- redis-benchmark command: `redis-benchmark -s SOCK -c 50 -n {args.benchmark_requests} -r 10000 -P 1 "
         f"{' '.join(bench_command)}` (median {bench:,.0f} ops/s)",
         f"- medians of {args.runs} rounds; each row {args.duration_s}s measured after {args.warmup_s}s warm-up",
