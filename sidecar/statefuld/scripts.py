@@ -51,7 +51,7 @@ def load_scripts(directory: Path | None = None) -> dict[str, Script]:
 
 class Scripts:
     """Runs scripts by SHA; on NOSCRIPT (Redis restarted or flushed, a failover to a replica
-    that never saw SCRIPT LOAD) it loads the script on that node and retries once."""
+    that never saw SCRIPT LOAD) it runs it once more by EVAL with its source, which caches it again."""
 
     def __init__(self, scripts: dict[str, Script]) -> None:
         self._scripts = scripts
@@ -71,5 +71,6 @@ class Scripts:
             if exc.code != "NOSCRIPT":
                 raise
         self.reloads += 1
-        await transport.execute(keys[0], "SCRIPT", "LOAD", script.source)
-        return await transport.execute(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
+        # EVAL with the source, not SCRIPT LOAD then EVALSHA: a SCRIPT FLUSH between those two
+        # would fail the request; EVAL runs the script and caches it again in one command.
+        return await transport.execute(keys[0], "EVAL", script.source, len(keys), *keys, *args)
