@@ -438,6 +438,7 @@ class RpcProtocol(asyncio.Protocol):
         except Exception as error:
             self._done(call, None, None, internal=error)
         else:
+            call.decode = None  # the full path's result is already shaped: decoding it again fails
             self._await(call, retry)
 
     def _expire(self, call: _Call, error: dict[str, str]) -> None:
