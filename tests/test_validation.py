@@ -27,6 +27,7 @@ SURROGATE = b"a\xffb".decode("utf-8", "surrogateescape")  # how the wire layer h
 VALID: dict[str, list[Any]] = {
     "ping": [],
     "health": [],
+    "stats": [],
     "set_service_state": ["game", "lobby", 3, "Ready"],
     "get_service_state": ["game", "lobby"],
     "set_workload_state": ["game", "lobby", "Serving"],

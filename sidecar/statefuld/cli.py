@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -164,3 +165,55 @@ def call(socket_path: str | None, timeout_s: float, method: str, args: tuple[str
     """
     result = _run_client(socket_path, timeout_s, method, [_parse_arg(a) for a in args])
     click.echo(json.dumps(_jsonable(result), sort_keys=True))
+
+
+@main.command()
+@_client_options
+@click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C; rates over each interval.")
+@click.option("--interval-s", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+def stats(socket_path: str | None, timeout_s: float, watch: bool, interval_s: float) -> None:
+    """Print per-method rate, p50/p99 latency and errors, and the daemon's gauges.
+
+    \b
+    Without --watch: one table, rates averaged since the daemon started.
+    With --watch: redrawn every --interval-s, rates and quantiles over the last interval.
+    The raw numbers: `statefuld call stats` (JSON), or the Prometheus listener (--metrics-addr).
+    """
+    from statefuld.metrics import stats_table
+    from statefuld_client import Client, StatefuldError
+
+    redraw = sys.stdout.isatty()
+    try:
+        with Client(socket_path=socket_path, timeout_s=timeout_s) as client:
+            if not watch:
+                click.echo(stats_table(_get_stats(client, StatefuldError)))
+                return
+            previous: dict[str, Any] | None = None
+            taken_at = 0.0
+            while True:
+                try:
+                    snap = _get_stats(client, StatefuldError)
+                except StatefuldError as exc:  # e.g. the daemon restarting: say so, keep watching
+                    text, previous = f"statefuld: stats: {exc}", None
+                else:
+                    now = time.monotonic()
+                    if previous is not None and snap["uptime_s"] < previous["uptime_s"]:
+                        previous = None  # the daemon restarted: its counters started again
+                    text = stats_table(snap, previous, now - taken_at if previous is not None else None)
+                    previous, taken_at = snap, now
+                # Home and clear-to-end on a terminal; plain successive tables into a pipe or file.
+                click.echo("\x1b[H\x1b[2J" + text if redraw else text + "\n")
+                time.sleep(interval_s)
+    except KeyboardInterrupt:
+        return
+    except StatefuldError as exc:
+        click.echo(f"statefuld: stats: {exc}", err=True)
+        sys.exit(1)
+
+
+def _get_stats(client: Any, error: type[Exception]) -> dict[str, Any]:
+    result = client.call("stats")
+    if not isinstance(result, dict):
+        raise error(f"unexpected stats result: {result!r}")
+    return result

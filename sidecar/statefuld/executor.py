@@ -246,6 +246,14 @@ class Executor:
     def script_reloads(self) -> int:
         return self._scripts.reloads
 
+    def transport_stats(self) -> dict[str, int]:
+        """The transport's counters for the metrics: commands, writes (and switches, Sentinel)."""
+        stats: Callable[[], dict[str, int]] | None = getattr(self._redis, "stats", None)
+        return stats() if stats is not None else {}
+
+    def describe_transport(self) -> str:
+        return self._redis.describe()
+
     async def health(self) -> dict[str, Any]:
         try:
             await asyncio.wait_for(self._redis.execute_any("PING"), HEALTH_TIMEOUT_S)

@@ -14,14 +14,18 @@ import os
 import socket
 import struct
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Any, Final, Protocol, cast
 
 import msgpack
 
 from statefuld.config import Config
 from statefuld.errors import RpcError
+from statefuld.metrics import BOUNDS_S, CODES, INTERNAL, OK, OVERLOADED, RequestMetrics, code_index
 from statefuld.redis_mux import Waiter
+from statefuld.rpc import METHODS
 
 log = logging.getLogger("statefuld.protocol")
 
@@ -40,6 +44,9 @@ _SHUTTING_DOWN: Final = {"code": "UNAVAILABLE", "message": "the daemon is shutti
 # one slice, so a read that carries many small messages (or the tail of one and the head of
 # the next) never trips the limit, while any single message over max_message_bytes still does.
 _FEED_SLICE: Final = 64 * 1024
+
+# Replies waiting for a peer that does not read them, past which its connection is cut.
+_MAX_UNREAD_BYTES: Final = 32 * 1024 * 1024
 
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -69,7 +76,7 @@ class _Call(Waiter):
     ``finished`` once answered (or expired): a reply that arrives later is dropped.
     """
 
-    __slots__ = ("conn", "deadline", "decode", "finished", "future", "method", "msgid", "params")
+    __slots__ = ("conn", "deadline", "decode", "finished", "future", "method", "msgid", "params", "started")
 
     def __init__(self, conn: RpcProtocol, msgid: int | None, method: str, params: list[Any], deadline: float) -> None:
         self.conn = conn
@@ -80,6 +87,7 @@ class _Call(Waiter):
         self.deadline = deadline
         self.future: asyncio.Future[Any] | None = None
         self.finished = False
+        self.started = conn._read_at  # perf_counter of the read that brought it (the loop's clock is in ms)
 
     def reply(self, value: Any) -> RpcProtocol | None:
         return self.conn._answer_reply(self, value)
@@ -116,6 +124,14 @@ class ServerState:
         self.internal_errors = 0
         self.notification_failures = 0
         self.closed_malformed = 0
+        self.connections_accepted = 0
+        self.connections_refused = 0
+        # Per method and outcome, with latencies (metrics.py exports them; no prometheus here).
+        self.metrics = RequestMetrics(METHODS)
+        self.method_stats = self.metrics.by_method.get
+        self.unknown_method_stats = self.metrics.unknown
+        # Request-level log lines are debug only; decided once, not per request.
+        self.log_requests = log.isEnabledFor(logging.DEBUG)
         self._last_failure_log_s = -1.0
         self._failures_not_logged = 0
         self.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
@@ -186,6 +202,8 @@ class ServerState:
             "internal_errors": self.internal_errors,
             "notification_failures": self.notification_failures,
             "connections_closed_malformed": self.closed_malformed,
+            "connections_accepted": self.connections_accepted,
+            "connections_refused": self.connections_refused,
         }
 
 
@@ -206,6 +224,8 @@ class RpcProtocol(asyncio.Protocol):
         self._closing = False
         self._pending = 0  # requests and notifications of this connection still executing
         self._eof = False
+        self._read_at = 0.0
+        self._close_reason = ""
         self.closed: asyncio.Future[None] | None = None
 
     # --- connection events -------------------------------------------------------------------
@@ -218,6 +238,7 @@ class RpcProtocol(asyncio.Protocol):
         self._loop = loop = asyncio.get_running_loop()
         self.closed = loop.create_future()
         state.connections.add(self)
+        state.connections_accepted += 1
         if (state.allow_uids or state.allow_gids) and not self._check_peer(transport):
             return
         limit = state.max_message_bytes
@@ -244,12 +265,19 @@ class RpcProtocol(asyncio.Protocol):
                     sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         if self._state.peer_allowed(uid, gid):
             return True
-        log.warning("connection refused: peer uid=%d gid=%d is not in --allow-uid/--allow-gid", uid, gid)
+        self._state.connections_refused += 1
+        log.warning("connection refused: peer uid=%d gid=%d is not in --allow-uid/--allow-gid", uid, gid,
+                    extra={"event": "peer_refused"})
         self._close("peer not allowed")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._state.connections.discard(self)
+        if exc is not None:  # not a close of ours or the peer's: say why
+            log.info("connection closed: %s", exc, extra={"event": "connection_closed"})
+        else:
+            log.debug("connection closed: %s", self._close_reason or "peer closed it",
+                      extra={"event": "connection_closed"})
         self._transport = None
         self._out.clear()
         if self.closed is not None and not self.closed.done():
@@ -289,6 +317,7 @@ class RpcProtocol(asyncio.Protocol):
             return
         # One deadline for every message of this read: they all arrived now.
         deadline = self._loop.time() + self._state.timeout_s  # type: ignore[union-attr]
+        self._read_at = perf_counter()
         try:
             if len(data) <= _FEED_SLICE:
                 unpacker.feed(data)
@@ -347,9 +376,11 @@ class RpcProtocol(asyncio.Protocol):
             raise MalformedMessage("params is not an array")
 
         state = self._state
-        if state.in_flight >= state.max_in_flight:
+        # ping is never shed: it costs nothing, and a saturated daemon must not fail its liveness probe.
+        if state.in_flight >= state.max_in_flight and method != "ping":
             # Shed at once: queueing would only turn overload into timeouts for everyone.
             state.overloaded += 1
+            state.metrics.count(method, OVERLOADED)
             if msgid is None:
                 state.notification_failed(method, "OVERLOADED")
             else:
@@ -465,6 +496,20 @@ class RpcProtocol(asyncio.Protocol):
         state.in_flight -= 1
         msgid = call.msgid
         if internal is not None:
+            code = INTERNAL
+        elif error is None:
+            code = OK
+        else:
+            code = code_index(error)
+        # metrics.MethodStats.done, inlined: this runs for every call.
+        seconds = perf_counter() - call.started
+        stats = state.method_stats(call.method, state.unknown_method_stats)
+        stats.codes[code] += 1
+        stats.buckets[bisect_left(BOUNDS_S, seconds)] += 1
+        stats.sum_s += seconds
+        if state.log_requests:
+            log.debug("%s msgid=%s: %s in %.3fms", call.method, msgid, CODES[code], seconds * 1000)
+        if internal is not None:
             state.internal_errors += 1
             if msgid is None:
                 state.notification_failed(call.method, "INTERNAL", traceback=True)
@@ -478,6 +523,7 @@ class RpcProtocol(asyncio.Protocol):
         self._request_done()
 
     def _finish(self, msgid: int | None, method: str, error: dict[str, str] | None, result: Any) -> None:
+        self._state.metrics.count(method, OK if error is None else code_index(error))
         if msgid is not None:
             self._reply(msgid, error, result)
         elif error is not None:
@@ -486,6 +532,7 @@ class RpcProtocol(asyncio.Protocol):
     def _internal_error(self, msgid: int | None, method: str, exc: BaseException | None = None) -> None:
         state = self._state
         state.internal_errors += 1
+        state.metrics.count(method, INTERNAL)
         if msgid is None:
             state.notification_failed(method, "INTERNAL", traceback=True)
             return
@@ -517,8 +564,17 @@ class RpcProtocol(asyncio.Protocol):
         out = self._out
         if not out or self._transport is None:
             return
-        self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+        transport = self._transport
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
+        if self._write_paused and not self._closing and transport.get_write_buffer_size() > _MAX_UNREAD_BYTES:
+            # Reading is paused, but requests read before the pause keep adding replies (a 30-byte
+            # get_service_state can bring megabytes back): cut the peer rather than hold them all.
+            log.warning("closing connection%s: more than %d bytes of replies it does not read",
+                        self._peer_description(), _MAX_UNREAD_BYTES)
+            self._closing = True
+            self._unpacker = None
+            transport.abort()
 
     # --- closing -----------------------------------------------------------------------------
 
@@ -542,6 +598,7 @@ class RpcProtocol(asyncio.Protocol):
         if self._closing or self._transport is None:
             return
         self._closing = True
+        self._close_reason = reason
         self._unpacker = None
         self.flush()  # replies already computed still go out before the close
         self._transport.close()

@@ -120,6 +120,7 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("ping", ()),
         Method("health", ()),
+        Method("stats", ()),
         Method("set_service_state", (NS, SERVICE, POD_ID, STATE)),
         Method("get_service_state", (NS, SERVICE)),
         Method("set_workload_state", (NS, SERVICE, STATE)),
@@ -185,8 +186,11 @@ class Dispatcher:
         self._executor = executor
         self._config = config
         self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
-            name: getattr(executor, m.handler_name) for name, m in METHODS.items() if name != "ping"
+            name: getattr(executor, m.handler_name) for name, m in METHODS.items() if name not in _DAEMON_METHODS
         }
+        self._handlers["stats"] = self._stats
+        # The daemon's numbers (metrics.Observer.snapshot), wired by the server once it has them.
+        self.stats: Callable[[], dict[str, Any]] = dict
         self._hot: dict[str, Callable[[Any, Waiter | None], tuple[Awaitable[Any] | None, Decode | None]]] = {
             "get_linked_pod": self._start_get_linked_pod,
             "set_linked_pod": self._start_set_linked_pod,
@@ -228,6 +232,9 @@ class Dispatcher:
             raise self._executor.reply_error(exc) from exc
         raise exc
 
+    async def _stats(self) -> dict[str, Any]:
+        return self.stats()
+
     # --- the hot methods: the checks of validate(), inlined, with the names' cache --------------
 
     def _name(self, param: str, value: Any) -> str:
@@ -260,6 +267,7 @@ class Dispatcher:
 
 
 _NAMES_CACHED = 1024
+_DAEMON_METHODS = frozenset({"ping", "stats"})  # answered by the daemon itself, not the executor
 Decode = Callable[[Any], Any]
 
 

@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import uvloop
 
-from statefuld import systemd
+from statefuld import __version__, systemd
 from statefuld.config import Config
 from statefuld.embedded import EmbeddedError, EmbeddedRedis
 from statefuld.errors import (
@@ -38,6 +38,7 @@ from statefuld.errors import (
     EXIT_SOCKET_IN_USE,
     Unavailable,
 )
+from statefuld.metrics import MetricsListener, Observer, RedisWatch, parse_addr
 from statefuld.protocol import RpcProtocol, ServerState
 
 log = logging.getLogger("statefuld.server")
@@ -81,9 +82,13 @@ class Server:
         self._signal_count = 0
         self._embedded: EmbeddedRedis | None = None
         self._executor: Any = None
+        self._dispatcher: Any = None
         self._state: ServerState | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._redis_watch: RedisWatch | None = None
+        self._redis_watch_task: asyncio.Task[None] | None = None
+        self._metrics_listener: MetricsListener | None = None
         # (path, st_dev, st_ino) of the socket file we bound: removed at exit only if still ours.
         self._bound: tuple[str, int, int] | None = None
 
@@ -94,18 +99,21 @@ class Server:
         self._stop_requested = asyncio.Event()
         for sig in _SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        log.info("statefuld %s starting (pid %d)", __version__, os.getpid(), extra={"event": "starting"})
+        code = EXIT_INTERNAL
         try:
-            return await self._serve()
+            code = await self._serve()
         except StartupError as exc:
-            log.error("statefuld cannot start: %s", exc)
-            return exc.exit_code
+            log.error("statefuld cannot start: %s", exc, extra={"event": "startup_failed"})
+            code = exc.exit_code
         except Exception:
             log.exception("statefuld failed")
-            return EXIT_INTERNAL
         finally:
             await self._release()
             for sig in _SIGNALS:
                 loop.remove_signal_handler(sig)
+            log.info("statefuld stopped (exit code %d)", code, extra={"event": "stopped"})
+        return code
 
     async def _serve(self) -> int:
         config = self.config
@@ -121,15 +129,24 @@ class Server:
             path = os.path.abspath(config.socket_path)
             gid = _resolve_group(config.socket_group)
             _check_socket_path(path)
+        if config.metrics_addr is not None:
+            try:
+                parse_addr(config.metrics_addr)
+            except ValueError as exc:
+                raise StartupError(str(exc), EXIT_CONFIG) from exc
 
         if not await self._until_stop_requested(self._connect_redis()):
             log.info("stop requested during start-up")
             return EXIT_OK
 
+        state = self._state
+        assert state is not None and self._redis_watch is not None
+        observer = Observer(state, self._executor, self._redis_watch)
+        self._dispatcher.stats = observer.snapshot
+        if config.metrics_addr is not None:
+            self._start_metrics(observer, config.metrics_addr)
         if listen_sock is None:
             listen_sock = self._bind(path, config.socket_mode, gid)
-        state = self._state
-        assert state is not None
         self._listener = await asyncio.get_running_loop().create_unix_server(
             lambda: RpcProtocol(state), sock=listen_sock, backlog=_BACKLOG
         )
@@ -140,6 +157,7 @@ class Server:
         interval_s = systemd.watchdog_interval_s()
         if interval_s is not None:
             self._watchdog = asyncio.create_task(_watchdog(interval_s))
+        self._redis_watch_task = asyncio.create_task(self._redis_watch.run())
 
         assert self._stop_requested is not None
         await self._stop_requested.wait()
@@ -186,8 +204,22 @@ class Server:
             ) from exc
         except ValueError as exc:
             raise StartupError(f"invalid Redis configuration ({shown_url}): {exc}", EXIT_CONFIG) from exc
-        log.info("connected to Redis at %s", shown_url)
-        self._state = ServerState(config, Dispatcher(self._executor, config))
+        transport = self._executor.describe_transport()
+        log.info("connected to Redis at %s%s", shown_url, "" if transport == shown_url else f" ({transport})",
+                 extra={"event": "redis_connected"})
+        dispatcher = Dispatcher(self._executor, config)
+        self._state = ServerState(config, dispatcher)
+        self._redis_watch = RedisWatch(self._executor)
+        self._dispatcher = dispatcher
+
+    def _start_metrics(self, observer: Observer, addr: str) -> None:
+        listener = MetricsListener(observer, addr)
+        try:
+            listener.start(asyncio.get_running_loop())
+        except OSError as exc:
+            code = EXIT_SOCKET_IN_USE if exc.errno == errno.EADDRINUSE else EXIT_CONFIG
+            raise StartupError(f"cannot serve metrics on {addr}: {exc.strerror or exc}", code) from exc
+        self._metrics_listener = listener
 
     # --- the socket --------------------------------------------------------------------------
 
@@ -222,7 +254,7 @@ class Server:
 
     def _announce(self, where: str, *, activated: bool) -> None:
         how = "systemd-activated socket" if activated else f"socket (mode {self.config.socket_mode:04o})"
-        log.info("statefuld ready on %s %s", how, where)
+        log.info("statefuld ready on %s %s", how, where, extra={"event": "listening"})
         quoted = shlex.quote(where)
         log.info(
             "try it: statefuld ping --socket-path %s ; statefuld call --socket-path %s get_linked_pod NS UID SERVICE",
@@ -271,8 +303,9 @@ class Server:
         for conn in list(state.connections):
             conn.stop_reading()
         drain_s = self.config.drain_timeout_s
+        log.info("draining: %d connections, %d requests in flight (up to %ss)", len(state.connections),
+                 len(state.tasks), drain_s, extra={"event": "draining"})
         if state.tasks:
-            log.info("draining %d requests in flight (up to %ss)", len(state.tasks), drain_s)
             await state.drain(drain_s)
         closing = []
         for conn in list(state.connections):
@@ -288,10 +321,15 @@ class Server:
 
     async def _release(self) -> None:
         """Everything start-up acquired, in reverse; runs after a clean stop and after a failed start."""
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+        for task in (self._watchdog, self._redis_watch_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._metrics_listener is not None:
+            # In a thread: shutdown() waits up to the HTTP server's poll interval (0.5 s).
+            await asyncio.to_thread(self._metrics_listener.close)
+            self._metrics_listener = None
         if self._listener is not None:
             self._listener.close()
         if self._executor is not None:

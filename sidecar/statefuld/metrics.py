@@ -1,0 +1,441 @@
+"""What the daemon counts, how it watches Redis, and how both are shown: the `stats` method's map
+and the Prometheus exposition (docs/OPERATIONS.md, "Observability", lists every metric).
+
+The hot path pays only for plain ints: ``RequestMetrics`` keeps, per method, a list of counts by
+outcome code and a list of latency bucket counts, incremented in place (no prometheus_client
+object, no label lookup per request). ``Observer.snapshot`` reads them with the rest of the daemon's
+state on the event loop; the Prometheus collector asks the loop for one snapshot per scrape, so the
+numbers of one scrape agree with each other.
+
+This module imports nothing heavy at the top: the CLI uses its helpers (``quantile_ms``) without
+loading the daemon, and prometheus_client is loaded only when a listener is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ipaddress
+import logging
+import time
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Final
+
+from statefuld import __version__
+
+if TYPE_CHECKING:
+    from statefuld.executor import Executor
+    from statefuld.protocol import ServerState
+
+log = logging.getLogger("statefuld.metrics")
+
+# Outcome codes, "OK" first; the wire's error codes after it (docs/PROTOCOL.md).
+CODES: Final = ("OK", "INVALID_ARGUMENT", "UNKNOWN_METHOD", "UNAVAILABLE", "TIMEOUT", "OVERLOADED", "INTERNAL")
+CODE_INDEX: Final = {code: i for i, code in enumerate(CODES)}
+OK: Final = 0
+INTERNAL: Final = CODE_INDEX["INTERNAL"]
+OVERLOADED: Final = CODE_INDEX["OVERLOADED"]
+# Calls whose method is not in the table are counted under this one name, so a client sending
+# made-up names cannot create unbounded label values.
+UNKNOWN_METHOD_LABEL: Final = "unknown"
+
+# Upper bounds (seconds) of the latency buckets; one more bucket (+Inf) follows. A get_linked_pod
+# takes tens of microseconds in the daemon when idle, about a millisecond under heavy load.
+BOUNDS_S: Final = (
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)
+
+REDIS_CHECK_INTERVAL_S: Final = 1.0
+_SCRAPE_TIMEOUT_S: Final = 5.0
+
+
+class MethodStats:
+    """One method's counts: ``codes[i]`` calls ended with CODES[i]; ``buckets[i]`` calls that were
+    executed took at most BOUNDS_S[i] (the last bucket: longer); ``sum_s`` their total time."""
+
+    __slots__ = ("buckets", "codes", "sum_s")
+
+    def __init__(self) -> None:
+        self.codes = [0] * len(CODES)
+        self.buckets = [0] * (len(BOUNDS_S) + 1)
+        self.sum_s = 0.0
+
+    def done(self, code: int, seconds: float) -> None:
+        """An executed call ended (the hot path: a few int increments)."""
+        self.codes[code] += 1
+        self.buckets[bisect_left(BOUNDS_S, seconds)] += 1
+        self.sum_s += seconds
+
+
+class RequestMetrics:
+    """Per-method counts of every call (requests and notifications). Calls refused before they
+    run (bad arguments, unknown method, shed) are counted by ``count``; calls that ran, whatever
+    their outcome, by ``done`` with their latency, from the read that brought them to the reply
+    being queued."""
+
+    def __init__(self, method_names: Iterable[str]) -> None:
+        self.by_method: dict[str, MethodStats] = {name: MethodStats() for name in method_names}
+        self.unknown = MethodStats()
+
+    def of(self, method: str) -> MethodStats:
+        return self.by_method.get(method, self.unknown)
+
+    def done(self, method: str, code: int, seconds: float) -> None:
+        self.by_method.get(method, self.unknown).done(code, seconds)
+
+    def count(self, method: str, code: int) -> None:
+        self.by_method.get(method, self.unknown).codes[code] += 1
+
+    def items(self) -> Iterator[tuple[str, MethodStats]]:
+        yield from self.by_method.items()
+        yield UNKNOWN_METHOD_LABEL, self.unknown
+
+
+def code_index(error: dict[str, str]) -> int:
+    return CODE_INDEX.get(error.get("code", "INTERNAL"), INTERNAL)
+
+
+def quantile_ms(buckets: list[int], q: float, bounds_s: tuple[float, ...] | list[float] = BOUNDS_S) -> float | None:
+    """The q-quantile (0..1) of a latency histogram in milliseconds, interpolated inside its
+    bucket as Prometheus' histogram_quantile does; None without observations. A quantile in the
+    last (+Inf) bucket is reported as the highest finite bound."""
+    total = sum(buckets)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(buckets):
+        if n and seen + n >= rank:
+            if i >= len(bounds_s):
+                return bounds_s[-1] * 1000
+            lower = bounds_s[i - 1] if i > 0 else 0.0
+            return (lower + (bounds_s[i] - lower) * (rank - seen) / n) * 1000
+        seen += n
+    return bounds_s[-1] * 1000
+
+
+# --- Redis up/down --------------------------------------------------------------------------------
+
+
+class RedisWatch:
+    """Asks Redis every REDIS_CHECK_INTERVAL_S (``Executor.health``: a PING, bounded) and keeps
+    ``up`` for the gauge. Logs each transition once (lost, recovered), never per request; with
+    Sentinel, also each switch to another primary. Its PING also makes a lost connection be
+    re-established while no request arrives."""
+
+    def __init__(self, executor: Executor, interval_s: float = REDIS_CHECK_INTERVAL_S) -> None:
+        self._executor = executor
+        self._interval_s = interval_s
+        self.up = True  # the daemon starts only once Redis answered
+        self.transitions = 0
+        self._down_since = 0.0
+        self._switches = self._primary_switches()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.check()
+            except Exception:  # a bug here must not end the watch (nor the daemon)
+                log.exception("Redis health check failed")
+
+    async def check(self) -> None:
+        try:
+            health = await self._executor.health()
+        except Exception as exc:  # health() maps Redis' failures itself: anything else is a bug
+            health = {"ready": False, "redis": f"health check failed: {type(exc).__name__}: {exc}"}
+        ready = health.get("ready") is True
+        if ready != self.up:
+            self.up = ready
+            self.transitions += 1
+            now = time.monotonic()
+            if ready:
+                log.info("Redis recovered after %.1fs down", now - self._down_since,
+                         extra={"event": "redis_recovered"})
+            else:
+                self._down_since = now
+                log.warning("Redis lost: %s", health.get("redis"), extra={"event": "redis_lost"})
+        switches = self._primary_switches()
+        if switches > self._switches:
+            log.warning("Redis failover: now on primary %s", self._executor.describe_transport(),
+                        extra={"event": "redis_failover"})
+        self._switches = switches
+
+    def _primary_switches(self) -> int:
+        return int(self._executor.transport_stats().get("switches", 0))
+
+
+# --- the snapshot ---------------------------------------------------------------------------------
+
+
+class Observer:
+    """The daemon's numbers in one map: the `stats` method's result, and what a scrape exports."""
+
+    def __init__(self, state: ServerState, executor: Executor, redis: RedisWatch) -> None:
+        self._state = state
+        self._executor = executor
+        self._redis = redis
+        self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything, read in one go on the event loop. Methods never called are left out."""
+        state = self._state
+        methods: dict[str, Any] = {}
+        for name, stats in state.metrics.items():
+            count = sum(stats.codes)
+            if not count:
+                continue
+            buckets = list(stats.buckets)
+            methods[name] = {
+                "count": count,
+                "errors": {CODES[i]: n for i, n in enumerate(stats.codes) if i != OK and n},
+                "p50_ms": quantile_ms(buckets, 0.50),
+                "p99_ms": quantile_ms(buckets, 0.99),
+                "latency_buckets": buckets,
+                "latency_sum_ms": stats.sum_s * 1000,
+            }
+        transport = self._executor.transport_stats()
+        return {
+            "version": __version__,
+            "start_time_s": self.started_at,
+            "uptime_s": time.monotonic() - self._started_monotonic,
+            "methods": methods,
+            "latency_bounds_ms": [b * 1000 for b in BOUNDS_S],
+            "in_flight": state.in_flight,
+            "connections": len(state.connections),
+            "redis": {
+                "up": self._redis.up,
+                "commands": int(transport.get("commands", 0)),
+                "writes": int(transport.get("writes", 0)),
+                "primary_switches": int(transport.get("switches", 0)),
+                "script_reloads": self._executor.script_reloads,
+            },
+            "counters": state.counters(),
+        }
+
+
+# --- Prometheus ------------------------------------------------------------------------------------
+
+# (name without _total, help, key in snapshot["counters"])
+_COUNTERS: Final = (
+    ("statefuld_deadline_expired", "Calls answered TIMEOUT because their deadline passed.", "timeouts"),
+    ("statefuld_requests_shed", "Calls refused OVERLOADED because --max-in-flight calls were running.", "overloaded"),
+    ("statefuld_notifications", "Notifications received (calls that are never answered).", "notifications"),
+    ("statefuld_notifications_failed", "Notifications that failed (logged, at most one line a second).",
+     "notification_failures"),
+    ("statefuld_internal_errors", "Calls that failed with INTERNAL (a bug or an unexpected Redis reply).",
+     "internal_errors"),
+    ("statefuld_connections_accepted", "Connections accepted on the socket.", "connections_accepted"),
+    ("statefuld_connections_refused", "Connections closed at once: peer not in --allow-uid/--allow-gid.",
+     "connections_refused"),
+    ("statefuld_connections_closed_malformed", "Connections closed for breaking the protocol.",
+     "connections_closed_malformed"),
+)
+
+
+def families(snap: dict[str, Any]) -> list[Any]:
+    """The snapshot as prometheus_client metric families."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    requests = CounterMetricFamily(
+        "statefuld_requests", "Calls (requests and notifications) by method and outcome code.",
+        labels=("method", "code"))
+    duration = HistogramMetricFamily(
+        "statefuld_request_duration_seconds",
+        "Time from reading a call to queueing its reply, for calls that ran (not refused at once).",
+        labels=("method",))
+    bounds = [_le(b) for b in BOUNDS_S] + ["+Inf"]
+    for method, m in snap["methods"].items():
+        errors = m["errors"]
+        requests.add_metric((method, "OK"), m["count"] - sum(errors.values()))
+        for code in CODES[1:]:
+            requests.add_metric((method, code), errors.get(code, 0))
+        cumulative, running = [], 0
+        for le, n in zip(bounds, m["latency_buckets"], strict=True):
+            running += n
+            cumulative.append((le, running))
+        duration.add_metric((method,), cumulative, m["latency_sum_ms"] / 1000)
+    result: list[Any] = [requests, duration]
+
+    def gauge(name: str, doc: str, value: float) -> None:
+        result.append(GaugeMetricFamily(name, doc, value=value))
+
+    def counter(name: str, doc: str, value: float) -> None:
+        result.append(CounterMetricFamily(name, doc, value=value))
+
+    redis = snap["redis"]
+    gauge("statefuld_requests_in_flight", "Calls being executed now, daemon-wide.", snap["in_flight"])
+    gauge("statefuld_connections_open", "Client connections open now.", snap["connections"])
+    gauge("statefuld_redis_up", "1 while Redis answers the daemon's health check (every second), else 0.",
+          1 if redis["up"] else 0)
+    counter("statefuld_redis_commands", "Commands sent to Redis.", redis["commands"])
+    counter("statefuld_redis_writes", "Socket writes to Redis (round trips); commands / writes is the mean batch.",
+            redis["writes"])
+    counter("statefuld_redis_primary_switches", "Times the daemon moved to another primary (Sentinel failover).",
+            redis["primary_switches"])
+    counter("statefuld_script_reloads", "Lua scripts loaded again after NOSCRIPT (Redis restart, flush, failover).",
+            redis["script_reloads"])
+    for name, doc, key in _COUNTERS:
+        counter(name, doc, snap["counters"].get(key, 0))
+    gauge("statefuld_start_time_seconds", "Start time of the daemon, seconds since the epoch.", snap["start_time_s"])
+    info = GaugeMetricFamily("statefuld_build_info", "The daemon's version (value 1).", labels=("version",))
+    info.add_metric((snap["version"],), 1)
+    result.append(info)
+    return result
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+class _Collector:
+    """Takes one snapshot on the event loop per scrape (the listener runs in its own thread)."""
+
+    def __init__(self, observer: Observer, loop: asyncio.AbstractEventLoop) -> None:
+        self._observer = observer
+        self._loop = loop
+
+    def collect(self) -> list[Any]:
+        result: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                result.set_result(self._observer.snapshot())
+            except BaseException as exc:
+                result.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(take)
+        return families(result.result(timeout=_SCRAPE_TIMEOUT_S))
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port``, or ``:port``/``port`` for 127.0.0.1. Raises ValueError."""
+    host, sep, port_text = addr.rpartition(":")
+    if not sep:
+        host, port_text = "", addr
+    host = host.strip("[]") or "127.0.0.1"
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"metrics address {addr!r}: expected host:port with a port in 0..65535")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class MetricsListener:
+    """The /metrics HTTP listener (prometheus_client's, in a thread of its own)."""
+
+    def __init__(self, observer: Observer, addr: str) -> None:
+        self._observer = observer
+        self.host, self.port = parse_addr(addr)
+        self._server: Any = None
+        self._thread: Any = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind and serve; raises OSError when the address cannot be bound."""
+        from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector, start_http_server
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self._observer, loop))
+        ProcessCollector(registry=registry)
+        GCCollector(registry=registry)
+        self._server, self._thread = start_http_server(self.port, addr=self.host, registry=registry)
+        self.port = int(self._server.server_address[1])
+        where = f"http://{_host_for_url(self.host)}:{self.port}/metrics"
+        if is_loopback(self.host):
+            log.info("metrics on %s", where, extra={"event": "metrics_listening"})
+        else:
+            log.info("metrics on %s, reachable from the network (counters only: no user ids, keys or states)",
+                     where, extra={"event": "metrics_listening"})
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=_SCRAPE_TIMEOUT_S)
+            self._server = None
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def stats_table(snap: dict[str, Any], previous: dict[str, Any] | None = None, interval_s: float | None = None) -> str:
+    """The `statefuld stats` table. With a previous snapshot: rates, quantiles and errors over the
+    interval between the two; else averages since the daemon started."""
+    uptime_s = max(float(snap.get("uptime_s", 0.0)), 1e-9)
+    redis = snap.get("redis", {})
+    lines = [
+        f"statefuld {snap.get('version', '?')}  up {_duration(uptime_s)}  "
+        f"redis {'up' if redis.get('up') else 'DOWN'}  connections {snap.get('connections', 0)}  "
+        f"in flight {snap.get('in_flight', 0)}",
+    ]
+    counters = snap.get("counters", {})
+    writes = int(redis.get("writes", 0))
+    commands = int(redis.get("commands", 0))
+    if previous is not None:
+        prev_redis = previous.get("redis", {})
+        writes -= int(prev_redis.get("writes", 0))
+        commands -= int(prev_redis.get("commands", 0))
+    batch = f"{commands / writes:.1f}" if writes > 0 else "-"
+    lines.append(
+        f"shed {counters.get('overloaded', 0)}  timeouts {counters.get('timeouts', 0)}  "
+        f"failed notifications {counters.get('notification_failures', 0)}  "
+        f"script reloads {redis.get('script_reloads', 0)}  redis commands/write {batch}"
+    )
+    bounds_s = [b / 1000 for b in snap.get("latency_bounds_ms", [b * 1000 for b in BOUNDS_S])]
+    span = "last " + _duration(interval_s) if previous is not None and interval_s else "since start"
+    rows = [("METHOD", "COUNT", f"RATE/S ({span})", "P50", "P99", "ERRORS")]
+    prev_methods = previous.get("methods", {}) if previous is not None else {}
+    for name, m in sorted(snap.get("methods", {}).items()):
+        count = int(m["count"])
+        buckets = list(m["latency_buckets"])
+        errors = dict(m["errors"])
+        if previous is not None:
+            before = prev_methods.get(name, {"count": 0, "latency_buckets": [0] * len(buckets), "errors": {}})
+            count -= int(before["count"])
+            buckets = [a - b for a, b in zip(buckets, before["latency_buckets"], strict=True)]
+            errors = {code: n - int(before["errors"].get(code, 0)) for code, n in errors.items()}
+            errors = {code: n for code, n in errors.items() if n}
+            rate = count / interval_s if interval_s else 0.0
+        else:
+            rate = count / uptime_s
+        rows.append((
+            name, str(count), f"{rate:.1f}",
+            _ms(quantile_ms(buckets, 0.50, bounds_s)), _ms(quantile_ms(buckets, 0.99, bounds_s)),
+            ", ".join(f"{code} {n}" for code, n in sorted(errors.items())) or "0",
+        ))
+    if len(rows) == 1:
+        rows.append(("(no calls yet)", "", "", "", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:5], widths[1:5], strict=True)]
+        lines.append("  ".join([*cells, row[5]]).rstrip())
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 1:
+        return f"{value * 1000:.0f}us"
+    return f"{value:.2f}ms" if value < 100 else f"{value:.0f}ms"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
