@@ -103,6 +103,9 @@ def test_noscript_on_the_hot_path_reloads_and_answers(daemon: Daemon, redis_db: 
         assert [int(redis_db.get(link_key(f"u{i}"))) for i in range(50)] == list(range(50))
         # Again over the existing links: the previous pod comes back.
         assert c.call(100, "set_linked_pod", [NS, "u3", SVC, 8, -1]) == (None, 3)
+        # NOSCRIPT over an existing link: the full path's result is answered as it is (not decoded twice).
+        redis_db.script_flush()
+        assert c.call(101, "set_linked_pod", [NS, "u3", SVC, 9, -1]) == (None, 8)
     finally:
         c.close()
 
