@@ -159,7 +159,7 @@ class RedisWatch:
                 log.warning("Redis lost: %s", health.get("redis"), extra={"event": "redis_lost"})
         switches = self._primary_switches()
         if switches > self._switches:
-            log.warning("Redis failover: now on primary %s", self._executor.describe_transport(),
+            log.warning("Redis failover followed: %s", self._executor.describe_transport(),
                         extra={"event": "redis_failover"})
         self._switches = switches
 
