@@ -93,7 +93,7 @@ def test_every_key_reads_back_as_exactly_its_own_tuple(t: tuple[str, str, str]) 
         assert valid_readings(key) == {meaning}, key
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(a=TUPLES, b=TUPLES)
 # Valid tuples that look alike: a uid holding the layout's words and separators.
 @example(a=("a", "a:lk:a", "load"), b=("a", "a", "load"))
