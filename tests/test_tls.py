@@ -1,0 +1,127 @@
+"""TLS to Redis (rediss://) against a real TLS-only redis-server, with certificates made here by openssl.
+
+The server listens on a TLS port only (`--port 0`), so a daemon that serves spoke TLS. Checked: the
+server is verified against --redis-tls-ca-file (another CA's certificate, or one for another host
+name, is refused at start-up), and a client certificate is presented when Redis demands one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import Daemon, RedisServer, free_port, rpc_call, running, short_tmpdir
+
+EXIT_REDIS_UNAVAILABLE = 69
+NS, SVC = "tls", "lobby"
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def make_ca(d: Path, name: str) -> None:
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2", "-subj", f"/CN={name}", cwd=d)
+
+
+def make_cert(d: Path, name: str, ca: str, san: str) -> None:
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+    (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+
+
+@pytest.fixture(scope="module")
+def certs() -> Iterator[Path]:
+    d = Path(short_tmpdir("sft-"))
+    make_ca(d, "ca")
+    make_ca(d, "other-ca")
+    make_cert(d, "server", "ca", "IP:127.0.0.1,DNS:localhost")
+    make_cert(d, "wrong-host", "ca", "DNS:redis.example.invalid")
+    make_cert(d, "client", "ca", "DNS:statefuld")
+    for key in d.glob("*.key"):
+        key.chmod(0o600)
+    try:
+        yield d
+    finally:
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+
+
+def tls_redis(certs: Path, *, server_cert: str = "server", auth_clients: bool = False) -> RedisServer:
+    server = RedisServer(extra_args=[
+        "--tls-port", str(free_port()),
+        "--tls-cert-file", str(certs / f"{server_cert}.crt"),
+        "--tls-key-file", str(certs / f"{server_cert}.key"),
+        "--tls-ca-cert-file", str(certs / "ca.crt"),
+        "--tls-auth-clients", "yes" if auth_clients else "no",
+    ])
+    return server
+
+
+def tls_url(server: RedisServer) -> str:
+    port = server.extra_args[server.extra_args.index("--tls-port") + 1]
+    return f"rediss://127.0.0.1:{port}"
+
+
+def serves(daemon: Daemon, server: RedisServer) -> None:
+    assert rpc_call(daemon.socket_path, "set_linked_pod", [NS, "alice", SVC, 4, -1]) == (None, None)
+    assert rpc_call(daemon.socket_path, "get_linked_pod", [NS, "alice", SVC]) == (None, 4)
+    assert server.client().get(f"sf:{{{NS}:lk:alice}}{SVC}") == "4"
+
+
+def fails_to_start(daemon: Daemon) -> str:
+    daemon.args += ["--startup-timeout-s", "0.5"]
+    daemon.start(wait=False)
+    assert daemon.wait(15) == EXIT_REDIS_UNAVAILABLE
+    assert not os.path.exists(daemon.socket_path)
+    return daemon.log()
+
+
+def test_tls_with_the_servers_ca(certs: Path) -> None:
+    with running(tls_redis(certs)) as server:
+        daemon = Daemon(tls_url(server), args=["--redis-tls-ca-file", str(certs / "ca.crt")])
+        with running(daemon):
+            serves(daemon, server)
+            assert "rediss://127.0.0.1" in daemon.log()
+
+
+def test_a_server_certificate_from_another_ca_is_refused(certs: Path) -> None:
+    with running(tls_redis(certs)) as server:
+        daemon = Daemon(tls_url(server), args=["--redis-tls-ca-file", str(certs / "other-ca.crt")])
+        try:
+            log = fails_to_start(daemon)
+            assert "certificate verify failed" in log
+        finally:
+            daemon.cleanup()
+
+
+def test_a_server_certificate_for_another_host_is_refused(certs: Path) -> None:
+    with running(tls_redis(certs, server_cert="wrong-host")) as server:
+        daemon = Daemon(tls_url(server), args=["--redis-tls-ca-file", str(certs / "ca.crt")])
+        try:
+            log = fails_to_start(daemon)
+            assert "certificate is not valid for '127.0.0.1'" in log
+        finally:
+            daemon.cleanup()
+
+
+def test_client_certificate_when_redis_demands_one(certs: Path) -> None:
+    ca = ["--redis-tls-ca-file", str(certs / "ca.crt")]
+    with running(tls_redis(certs, auth_clients=True)) as server:
+        without = Daemon(tls_url(server), args=list(ca))
+        try:
+            assert "certificate required" in fails_to_start(without)
+        finally:
+            without.cleanup()
+        daemon = Daemon(tls_url(server), args=[
+            *ca, "--redis-tls-cert-file", str(certs / "client.crt"), "--redis-tls-key-file", str(certs / "client.key"),
+        ])
+        with running(daemon):
+            serves(daemon, server)
