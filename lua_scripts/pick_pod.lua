@@ -27,7 +27,8 @@ local states = redis.call('HGETALL', KEYS[1])
 for i = 1, #states, 2 do
   local pod, state = states[i], states[i + 1]
   local report = loads[pod]
-  if routable[state] and report and string.match(pod, '^%d+$') then
+  -- Only pod ids (decimal, 0..2^31-1): another tool's larger number must never get a user.
+  if routable[state] and report and string.match(pod, '^%d+$') and tonumber(pod) <= 2147483647 then
     local load, stamp = string.match(report, '^(%d+):(%d+)$')
     if load and now_ms - tonumber(stamp) <= stale_ms then
       eligible[#eligible + 1] = {pod = pod, load = tonumber(load), stamp = stamp}

@@ -55,6 +55,23 @@ def test_service_state_skips_fields_that_are_not_decimal_pod_ids(with_executor: 
     assert with_executor(lambda ex: ex.get_service_state(NS, SVC)) == {7: "Ready"}
 
 
+TOO_BIG = "2147483648"  # a decimal integer, but not a pod id (0..2^31-1): msgpack may not even carry it
+
+
+def test_stored_ids_beyond_the_pod_id_range_are_skipped_or_refused_not_crashed_on(daemon: Daemon,
+                                                                                 redis_db: redis.Redis) -> None:
+    # Another tool's data; over the wire, so the reply must also encode.
+    huge = "123456789012345678901234567890"
+    redis_db.hset("sf:{game:state:lobby}", mapping={"1": "Ready", "2147483647": "Ready", TOO_BIG: "x", huge: "x"})
+    redis_db.hset(HASH, mapping={SVC: "3", "chat": huge, "voice": TOO_BIG})
+    redis_db.set(LINK, huge)
+    assert rpc_call(daemon.socket_path, "get_service_state", [NS, SVC]) == (None, {1: "Ready", 2147483647: "Ready"})
+    assert rpc_call(daemon.socket_path, "get_link_service", [NS, UID]) == (None, {SVC: 3})
+    for method, params in (("get_linked_pod", [NS, UID, SVC]), ("batch_get_linked_pod", [NS, [UID], SVC])):
+        error, _ = rpc_call(daemon.socket_path, method, params)
+        assert error["code"] == "INTERNAL" and "pod id" in error["message"], (method, error)
+
+
 def test_strings_that_are_not_utf8_read_with_replacement_characters(with_executor: ExecutorRun,
                                                                     redis_db: redis.Redis) -> None:
     redis_db.hset("sf:{game:state:lobby}", "1", b"\xffok")

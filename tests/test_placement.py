@@ -116,6 +116,7 @@ def test_only_routable_pods_with_fresh_reports_are_chosen(with_executor: Executo
     seed_pods(redis_db, {1: "Ready", 10: "Ready", 3: "Draining", 4: "Ready", 6: "ready", "abc": "Ready",
                          "07x": "Ready"}, {1: 40, 10: 40, 3: 0, 6: 0, "abc": 0, "07x": 0, 8: 0})
     seed_pods(redis_db, {2: "Ready"}, {2: 0}, age_ms=20_000)  # stale: older than the default 10 s
+    seed_pods(redis_db, {2147483648: "Ready", 10**20: "Ready"}, {2147483648: 0, 10**20: 0})  # not pod ids
     redis_db.hset(STATES, "5", "Ready")
     redis_db.hset(LOADS, "5", "low:now")  # a report that is not "<load>:<ms>"
     # 4 has no report, 8 has no state, 6's state differs in case.

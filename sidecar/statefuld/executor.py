@@ -102,12 +102,23 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
+MAX_POD_ID = 2**31 - 1
+
+
+def _is_pod_id(raw: bytes) -> bool:
+    # bytes.isdigit() is ASCII digits only. Larger ids are another tool's data, not pods (and
+    # msgpack cannot carry every such integer in a reply).
+    return raw.isdigit() and int(raw) <= MAX_POD_ID
+
+
 def _pod_id(raw: bytes | None) -> int | None:
     if raw is None:
         return None
-    if not raw.isdigit():
-        raise Internal("a stored pod id is not a decimal integer")
-    return int(raw)
+    if raw.isdigit():
+        pod = int(raw)
+        if pod <= MAX_POD_ID:
+            return pod
+    raise Internal(f"a stored pod id is not a decimal integer in 0..{MAX_POD_ID}")
 
 
 def _map_reply_error(exc: ReplyError) -> Exception:
@@ -300,7 +311,7 @@ class Executor:
         return {
             int(flat[i]): _text(flat[i + 1])
             for i in range(0, len(flat), 2)
-            if flat[i].isdigit() and flat[i].isascii()
+            if _is_pod_id(flat[i])
         }
 
     async def set_workload_state(self, ns: str, service: str, state: str) -> None:
@@ -412,7 +423,7 @@ class Executor:
         flat = await self._call(key, "HGETALL", key)
         links: dict[str, int] = {}
         for i in range(0, len(flat), 2):
-            if flat[i + 1].isdigit():
+            if _is_pod_id(flat[i + 1]):
                 links[_text(flat[i])] = int(flat[i + 1])
         return links
 
