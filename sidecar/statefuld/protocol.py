@@ -191,7 +191,8 @@ class ServerState:
             more = f" ({self._failures_not_logged} more failed notifications not logged)"
         self._last_failure_log_s = now
         self._failures_not_logged = 0
-        log.warning("notification %s failed: %s%s", method, reason, more, exc_info=traceback)
+        # %r: the name is the peer's text; quoted and cut, it cannot start a forged log line.
+        log.warning("notification %.100r failed: %s%s", method, reason, more, exc_info=traceback)
 
     def counters(self) -> dict[str, int]:
         return {
@@ -367,7 +368,7 @@ class RpcProtocol(asyncio.Protocol):
             _, method, params = message
         else:
             raise MalformedMessage(f"not a request [0, msgid, method, params] or notification [2, method, params]: "
-                                   f"array of {size} starting with {message[0] if size else None!r}")
+                                   f"array of {size} starting with {(message[0] if size else None)!r:.100}")
         if type(method) is not str:
             if type(method) is not bytes:  # some old msgpack-rpc clients send the name as bin
                 raise MalformedMessage("method name is not a string")
