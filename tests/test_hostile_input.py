@@ -16,16 +16,19 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import subprocess
+import sys
 import time
 import unicodedata
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import Daemon, RedisServer, wait_for
+from support import REPO, Daemon, RedisServer, wait_for
 
 MAX_MESSAGE_BYTES = 4096
 MAX_LIST_ITEMS = 50
@@ -435,3 +438,18 @@ def test_peer_controlled_text_cannot_forge_or_flood_log_lines(hostile: Hostile) 
 def test_daemon_still_healthy(hostile: Hostile) -> None:
     assert hostile.bystander_call("health", [])[1]["ready"] is True
     hostile.assert_no_fd_leak()
+
+
+# --- the fuzz target, briefly ------------------------------------------------------------------------
+
+
+def test_fuzz_target_runs_clean_for_2000_inputs(tmp_path: Path) -> None:
+    """fuzz/fuzz_decode.py (atheris) from the committed seeds: it must start, run and find nothing."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "fuzz" / "fuzz_decode.py"), str(tmp_path), str(REPO / "fuzz" / "seeds"),
+         "-runs=2000", "-max_len=6000", "-seed=1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Done 2000 runs" in done.stderr
+    assert not list(tmp_path.glob("crash-*"))
