@@ -36,7 +36,7 @@ sys.path.insert(0, HERE)
 import redis  # noqa: E402
 from load import Sample, run_async, run_sync  # noqa: E402
 from support import Daemon, RedisServer, rpc_call, short_tmpdir  # noqa: E402
-from workloads import seed, workloads  # noqa: E402
+from workloads import refresh_pods, seed, workloads  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -178,7 +178,9 @@ def main() -> int:
         for round_ in range(args.runs):
             print(f"round {round_ + 1}/{args.runs}", flush=True)
             with RssSampler(daemon.proc.pid) as sampler:
-                for op in ("get_linked_pod", "set_linked_pod", "mixed"):
+                for op in ("get_linked_pod", "set_linked_pod", "mixed", "compute_linked_pod"):
+                    if op == "compute_linked_pod":
+                        refresh_pods(daemon.socket_path)  # reports must stay fresher than --load-stale-ms
                     load = loads[op]
                     collected.add(f"{op} statefuld {P}x{C}",
                                   run_async(load.statefuld, P, C, args.warmup_s, args.duration_s))
@@ -246,6 +248,8 @@ def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: floa
         line(f"{op} statefuld blocking 1", f"{op} direct blocking 1", "redis-py blocking, 1 caller", "<= 1.2x p50",
              latency=True, goal=1.2)
     line(f"mixed statefuld {P}x{C}", f"mixed direct {P}x{C}", f"direct redis-py asyncio {P}x{C}", "reported")
+    line(f"compute_linked_pod statefuld {P}x{C}", f"compute_linked_pod direct {P}x{C}",
+         f"the same 3 steps with redis-py asyncio {P}x{C}", "reported (new users)")
     def met(ok: bool) -> str:
         return "met" if ok else "NOT met"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +22,26 @@ PREFIX = "sf"
 UIDS = 10_000
 PODS = 16
 BATCH = 100
+STALE_MS = 10_000  # the daemon's default --load-stale-ms
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def uid(process: int, caller: int, iteration: int) -> str:
     # Spread over the key space, different per caller, cheap to compute.
     return f"user-{(process * 7919 + caller * 131 + iteration * 17) % UIDS}"
+
+
+def new_uid(token: str, process: int, caller: int, iteration: int) -> str:
+    # compute_linked_pod is measured for new users: every call names a user never seen before.
+    return f"new-{token}-{process}-{caller}-{iteration}"
+
+
+def state_key() -> str:
+    return f"{PREFIX}:{{{NS}:state:{SERVICE}}}"
+
+
+def load_key() -> str:
+    return f"{PREFIX}:{{{NS}:state:{SERVICE}}}load"
 
 
 def link_key(u: str) -> str:
@@ -100,7 +115,13 @@ def statefuld_async(daemon_socket: str, op: str) -> AsyncSetup:
             kind = _mixed_choice(caller, iteration)
             return await (get if kind == "get" else set_ if kind == "set" else batch)(caller, iteration)
 
-        return {"get_linked_pod": get, "set_linked_pod": set_, "mixed": mixed}[op], client.aclose
+        token = os.urandom(4).hex()
+
+        async def compute(caller: int, iteration: int) -> Any:
+            return await client.compute_linked_pod(NS, new_uid(token, process, caller, iteration), SERVICE, -1)
+
+        ops = {"get_linked_pod": get, "set_linked_pod": set_, "mixed": mixed, "compute_linked_pod": compute}
+        return ops[op], client.aclose
 
     return setup
 
@@ -132,7 +153,24 @@ def direct_async(redis_socket: str, sha: str, op: str) -> AsyncSetup:
             kind = _mixed_choice(caller, iteration)
             return await (get if kind == "get" else set_ if kind == "set" else batch)(caller, iteration)
 
-        return {"get_linked_pod": get, "set_linked_pod": set_, "mixed": mixed}[op], client.aclose
+        token = os.urandom(4).hex()
+        pick_sha, if_absent_sha = script_sha("pick_pod"), script_sha("set_linked_pod_if_absent")
+
+        async def compute(caller: int, iteration: int) -> Any:
+            # What an application would do without the daemon: the executor's three steps itself.
+            u = new_uid(token, process, caller, iteration)
+            existing = await client.execute_command("GET", link_key(u))
+            if existing is not None:
+                return int(existing)
+            pod = await client.execute_command("EVALSHA", pick_sha, 2, state_key(), load_key(), STALE_MS,
+                                               random.random(), random.random(), "Ready")
+            if pod is None:
+                return None
+            return pod_of(await client.execute_command(
+                "EVALSHA", if_absent_sha, 2, links_hash_key(u), link_key(u), SERVICE, int(pod), -1))
+
+        ops = {"get_linked_pod": get, "set_linked_pod": set_, "mixed": mixed, "compute_linked_pod": compute}
+        return ops[op], client.aclose
 
     return setup
 
@@ -173,7 +211,7 @@ def workloads(redis_socket: str, daemon_socket: str) -> dict[str, Workload]:
     return {
         op: Workload(statefuld_async(daemon_socket, op), direct_async(redis_socket, sha, op),
                      statefuld_sync(daemon_socket, op), direct_sync(redis_socket, sha, op), bench_set)
-        for op in ("get_linked_pod", "set_linked_pod", "mixed")
+        for op in ("get_linked_pod", "set_linked_pod", "mixed", "compute_linked_pod")
     }
 
 
@@ -188,3 +226,14 @@ def seed(daemon_socket: str) -> None:
                                        for i in range(start, min(UIDS, start + 500))))
 
     asyncio.run(run())
+    refresh_pods(daemon_socket)
+
+
+def refresh_pods(daemon_socket: str) -> None:
+    """Every pod Ready with a fresh load report of 0, so compute_linked_pod has PODS to choose from."""
+    from statefuld_client import Client
+
+    with Client(daemon_socket) as client:
+        for pod in range(PODS):
+            client.set_service_state(NS, SERVICE, pod, "Ready")
+            client.report_pod_load(NS, SERVICE, pod, 0)
