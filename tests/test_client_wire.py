@@ -10,32 +10,15 @@ import sys
 
 import msgpack
 import pytest
-from support import REPO
+from support import CONTRACT_METHODS, REPO
 
 import statefuld_client
 from statefuld_client import AsyncClient, Client, errors
 from statefuld_client._wire import READ_METHODS, Decoder, Encoder, as_list, linked_pair, server_error, unwrap
 
 SPEC_METHODS = {
-    # SPEC section 2 and 2b: method -> params in wire order.
-    "ping": [],
-    "health": [],
-    "set_service_state": ["ns", "service", "pod_id", "state"],
-    "get_service_state": ["ns", "service"],
-    "set_workload_state": ["ns", "service", "state"],
-    "get_workload_state": ["ns", "service"],
-    "get_workload_state_batch": ["ns", "services"],
-    "set_linked_pod": ["ns", "uid", "service", "pod_id", "persist_seconds"],
-    "try_set_linked_pod": ["ns", "uid", "service", "pod_id", "persist_seconds"],
-    "set_linked_pod_if_absent": ["ns", "uid", "service", "pod_id", "persist_seconds"],
-    "get_linked_pod": ["ns", "uid", "service"],
-    "get_linked_pod_if_persist": ["ns", "uid", "service"],
-    "batch_get_linked_pod": ["ns", "uids", "service"],
-    "remove_linked_pod": ["ns", "uid", "service", "persist_seconds"],
-    "remove_linked_pod_with_id": ["ns", "uid", "service", "persist_seconds", "pod_id"],
-    "get_link_service": ["ns", "uid"],
-    "report_pod_load": ["ns", "service", "pod_id", "load"],
-    "compute_linked_pod": ["ns", "uid", "service", "persist_seconds"],
+    **CONTRACT_METHODS,
+    # The client's notification forms of set_service_state and report_pod_load.
     "notify_service_state": ["ns", "service", "pod_id", "state"],
     "notify_pod_load": ["ns", "service", "pod_id", "load"],
 }

@@ -28,7 +28,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import REPO, Daemon, RedisServer, wait_for
+from support import CONTRACT_METHODS, REPO, Daemon, RedisServer, wait_for
 
 MAX_MESSAGE_BYTES = 4096
 MAX_LIST_ITEMS = 50
@@ -146,25 +146,7 @@ def send_and_check(h: Hostile, payload: bytes) -> list[list[Any]]:
 
 # --- strategies -----------------------------------------------------------------------------------
 
-METHOD_PARAMS: dict[str, list[str]] = {
-    "ping": [], "health": [],
-    "set_service_state": ["ns", "service", "pod_id", "state"],
-    "get_service_state": ["ns", "service"],
-    "set_workload_state": ["ns", "service", "state"],
-    "get_workload_state": ["ns", "service"],
-    "get_workload_state_batch": ["ns", "services"],
-    "set_linked_pod": ["ns", "uid", "service", "pod_id", "persist_seconds"],
-    "try_set_linked_pod": ["ns", "uid", "service", "pod_id", "persist_seconds"],
-    "set_linked_pod_if_absent": ["ns", "uid", "service", "pod_id", "persist_seconds"],
-    "get_linked_pod": ["ns", "uid", "service"],
-    "get_linked_pod_if_persist": ["ns", "uid", "service"],
-    "batch_get_linked_pod": ["ns", "uids", "service"],
-    "remove_linked_pod": ["ns", "uid", "service", "persist_seconds"],
-    "remove_linked_pod_with_id": ["ns", "uid", "service", "persist_seconds", "pod_id"],
-    "get_link_service": ["ns", "uid"],
-    "report_pod_load": ["ns", "service", "pod_id", "load"],
-    "compute_linked_pod": ["ns", "uid", "service", "persist_seconds"],
-}
+METHOD_PARAMS = CONTRACT_METHODS
 VALID = {"ns": "game", "service": "lobby", "uid": "alice", "pod_id": 3, "state": "Ready",
          "persist_seconds": -1, "load": 5, "services": ["lobby", "arena"], "uids": ["alice", "bob"]}
 
