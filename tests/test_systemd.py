@@ -287,6 +287,36 @@ def test_service_agrees_with_the_daemon() -> None:
     assert socket_unit["SocketGroup"] == svc["Group"]
 
 
+def restart_prevented() -> set[int]:
+    svc = parse_unit(UNITS / "statefuld.service")["Service"]
+    return {int(code) for value in svc["RestartPreventExitStatus"] for code in value.split()}
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    ([], {"STATEFULD_LOG_LEVEL": "verbose"}, "'verbose' is not one of"),
+    (["--max-in-flight", "0"], {}, "Invalid value for '--max-in-flight'"),
+    (["--no-such-option"], {}, "No such option"),
+])
+def test_a_bad_option_or_variable_fails_the_unit_instead_of_restarting_it(
+        args: list[str], env: dict[str, str], message: str) -> None:
+    # click's own usage code (2) is not in RestartPreventExitStatus=: systemd would restart the
+    # service every RestartSec= forever over a typo in /etc/statefuld/statefuld.env.
+    directory = short_tmpdir("sfx-")
+    socket_path = os.path.join(directory, "statefuld.sock")
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("STATEFULD_")}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "statefuld", "serve", "--socket-path", socket_path,
+             "--redis-url", f"unix://{directory}/no-redis.sock", *args],
+            env={**clean_env, **env}, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+        )
+        assert done.returncode in restart_prevented(), done.stderr
+        assert message in done.stderr and "Traceback" not in done.stderr  # click's message, kept
+        assert not os.path.exists(socket_path)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def test_sysusers_creates_the_service_user() -> None:
     lines = [line.split() for line in (UNITS / "statefuld.sysusers").read_text().splitlines()
              if line.strip() and not line.startswith("#")]

@@ -71,13 +71,33 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+class _ServeUsageError(click.UsageError):
+    exit_code = EXIT_USAGE
+
+
+class _ServeCommand(click.Command):
+    """`serve` exits EXIT_USAGE (not click's 2) on a bad option or STATEFULD_* value.
+
+    systemd's RestartPreventExitStatus= lists the daemon's own start-up codes; with click's 2 a
+    typo in the environment file would restart-loop the service instead of failing it once.
+    """
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:  # BadParameter, NoSuchOption, MissingParameter, ...
+            # The same message and usage hint on stderr; only the exit code differs.
+            raise _ServeUsageError(exc.format_message(), exc.ctx) from exc
+
+
 @click.group()
 @click.version_option(__version__, prog_name="statefuld")
 def main() -> None:
     """statefuld: the sidecar that routes each user of a stateful service to its pod."""
 
 
-@main.command()
+@main.command(cls=_ServeCommand)
 @config_options
 def serve(**options: Any) -> None:
     """Run the daemon (with no --redis-url: an embedded private Redis)."""
