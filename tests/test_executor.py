@@ -72,6 +72,78 @@ def test_stored_ids_beyond_the_pod_id_range_are_skipped_or_refused_not_crashed_o
         assert error["code"] == "INTERNAL" and "pod id" in error["message"], (method, error)
 
 
+FOREIGN = ("abc", TOO_BIG, " 7", "")  # link values another tool may leave that are not pod ids
+
+
+@pytest.mark.parametrize("foreign", FOREIGN)
+def test_set_linked_pod_over_a_value_that_is_not_a_pod_id_succeeds_with_nil(
+        foreign: str, with_executor: ExecutorRun, redis_db: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    # The script has overwritten the value before its reply is decoded: an error would tell the
+    # caller that a write which happened had failed (PROTOCOL.md, "Link values that are not pod ids").
+    redis_db.set(LINK, foreign)
+    redis_db.set(HASH + "chat", foreign, ex=100)
+
+    async def body(ex: Executor) -> Any:
+        return await ex.set_linked_pod(NS, UID, SVC, 3, -1), await ex.set_linked_pod(NS, UID, "chat", 4, 60)
+
+    with caplog.at_level("WARNING", logger="statefuld.executor"):
+        assert with_executor(body) == (None, None)
+    assert redis_db.get(LINK) == "3" and redis_db.ttl(LINK) == -1
+    assert redis_db.hgetall(HASH) == {SVC: "3"}
+    assert redis_db.get(HASH + "chat") == "4"
+    # Logged once per daemon, without the value (it may be user data).
+    warnings = [r for r in caplog.records if "not a pod id" in r.getMessage()]
+    assert len(warnings) == 1, caplog.records
+    assert foreign == "" or foreign not in warnings[0].getMessage()
+
+
+def test_refusals_over_a_value_that_is_not_a_pod_id_change_nothing(with_executor: ExecutorRun,
+                                                                   redis_db: redis.Redis) -> None:
+    # The value holds the user (it is a link, whatever it says), but cannot be answered as a
+    # pod id: a refusal answers INTERNAL, and INTERNAL here always means nothing was written.
+    redis_db.set(LINK, "abc")
+    redis_db.hset(HASH, SVC, "abc")
+    before = (redis_db.get(LINK), redis_db.ttl(LINK), redis_db.hgetall(HASH))
+
+    async def refused(ex: Executor) -> list[str]:
+        messages = []
+        for call in (ex.try_set_linked_pod(NS, UID, SVC, 4, -1), ex.set_linked_pod_if_absent(NS, UID, SVC, 4, 60),
+                     ex.compute_linked_pod(NS, UID, SVC, -1)):
+            with pytest.raises(Internal) as info:
+                await call
+            messages.append(info.value.message)
+        assert await ex.remove_linked_pod_with_id(NS, UID, SVC, -1, 4) is False
+        return messages
+
+    for message in with_executor(refused):
+        assert "pod id" in message and "abc" not in message, message
+    assert (redis_db.get(LINK), redis_db.ttl(LINK), redis_db.hgetall(HASH)) == before
+
+    # Where the call writes, it succeeds: try_set over a temporary value, remove over any value.
+    redis_db.expire(LINK, 100)
+
+    async def written(ex: Executor) -> Any:
+        return await ex.try_set_linked_pod(NS, UID, SVC, 4, -1), await ex.remove_linked_pod(NS, UID, SVC, -1)
+
+    assert with_executor(written) == ((True, 4), True)
+    assert redis_db.dbsize() == 0
+
+
+def test_a_value_that_is_not_a_pod_id_over_the_wire(daemon: Daemon, redis_db: redis.Redis) -> None:
+    # set_linked_pod goes through the daemon's hot path (its reply decoded in redis_mux's read),
+    # and after a SCRIPT FLUSH through the full path: both answer the completed write with nil.
+    for flush in (False, True):
+        redis_db.set(LINK, "abc")
+        if flush:
+            redis_db.script_flush()
+        assert rpc_call(daemon.socket_path, "set_linked_pod", [NS, UID, SVC, 3, -1]) == (None, None), flush
+        assert redis_db.get(LINK) == "3"
+    redis_db.set(LINK, "abc")
+    error, _ = rpc_call(daemon.socket_path, "try_set_linked_pod", [NS, UID, SVC, 4, -1])
+    assert error["code"] == "INTERNAL" and "not changed" in error["message"], error
+    assert redis_db.get(LINK) == "abc"
+
+
 def test_strings_that_are_not_utf8_read_with_replacement_characters(with_executor: ExecutorRun,
                                                                     redis_db: redis.Redis) -> None:
     redis_db.hset("sf:{game:state:lobby}", "1", b"\xffok")

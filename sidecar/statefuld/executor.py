@@ -121,6 +121,19 @@ def _pod_id(raw: bytes | None) -> int | None:
     raise Internal(f"a stored pod id is not a decimal integer in 0..{MAX_POD_ID}")
 
 
+def _held_pod_id(raw: bytes) -> int:
+    """The link that made a script refuse (it wrote nothing). A value that is not a pod id
+    (another tool's data) still holds the user, but cannot be answered as one."""
+    if raw.isdigit():
+        pod = int(raw)
+        if pod <= MAX_POD_ID:
+            return pod
+    raise Internal(
+        f"the user's link holds a value that is not a decimal pod id in 0..{MAX_POD_ID} "
+        "(another tool's data?); the link was not changed"
+    )
+
+
 def _map_reply_error(exc: ReplyError) -> Exception:
     if exc.code in _UNAVAILABLE_REPLIES:
         return Unavailable(f"Redis cannot serve now: {exc.message[:200]}")
@@ -203,6 +216,9 @@ class Executor:
         self.keys = keys
         self._routable_states = tuple(routable_states)
         self._load_stale_ms = load_stale_ms
+        self._warned_unreadable_previous = False
+        # Bound once: the hot path hands it out with every set_linked_pod.
+        self._decode_previous: Callable[[Any], int | None] = self._previous_pod_id
 
     @classmethod
     async def connect(cls, config: Config) -> Executor:
@@ -333,11 +349,31 @@ class Executor:
     def _link_keys(self, ns: str, uid: str, service: str) -> tuple[str, str]:
         return self.keys.link_hash(ns, uid), self.keys.link(ns, uid, service)
 
+    def _previous_pod_id(self, raw: bytes | None) -> int | None:
+        # By the time set_linked_pod's reply is decoded, the script has overwritten the link: an
+        # error here would tell the caller that a completed write failed. A previous value that
+        # is not a pod id (another tool's data) is answered as nil; the value itself is not
+        # logged (it may be user data), and only once, so a migration cannot flood the log.
+        if raw is None:
+            return None
+        if raw.isdigit():
+            pod = int(raw)
+            if pod <= MAX_POD_ID:
+                return pod
+        if not self._warned_unreadable_previous:
+            self._warned_unreadable_previous = True
+            log.warning(
+                "set_linked_pod overwrote a link whose value was not a pod id in 0..%d (another tool's "
+                "data?) and answered nil as the previous pod; further such links are not logged",
+                MAX_POD_ID,
+            )
+        return None
+
     async def set_linked_pod(self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int) -> int | None:
         previous = await self._script(
             "set_linked_pod", self._link_keys(ns, uid, service), service, pod_id, persist_seconds
         )
-        return _pod_id(previous)
+        return self._previous_pod_id(previous)
 
     async def try_set_linked_pod(
         self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int
@@ -345,9 +381,9 @@ class Executor:
         ok, current = await self._script(
             "try_set_linked_pod", self._link_keys(ns, uid, service), service, pod_id, persist_seconds
         )
-        pod = _pod_id(current)
-        assert pod is not None
-        return bool(ok), pod
+        if ok:
+            return True, pod_id  # the script echoes pod_id back: nothing stored to decode
+        return False, _held_pod_id(current)
 
     async def set_linked_pod_if_absent(
         self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int
@@ -355,9 +391,7 @@ class Executor:
         current = await self._script(
             "set_linked_pod_if_absent", self._link_keys(ns, uid, service), service, pod_id, persist_seconds
         )
-        pod = _pod_id(current)
-        assert pod is not None
-        return pod
+        return _held_pod_id(current)
 
     async def get_linked_pod(self, ns: str, uid: str, service: str) -> int | None:
         key = self.keys.link(ns, uid, service)
@@ -383,8 +417,8 @@ class Executor:
         hash_key, key = self._link_keys(ns, uid, service)
         args = ("EVALSHA", self._set_linked_pod_sha, 2, hash_key, key, service, pod_id, persist_seconds)
         if waiter is not None and self._execute_to is not None and self._execute_to(waiter, hash_key, *args):
-            return None, _pod_id
-        return self._redis.execute(hash_key, *args), _pod_id
+            return None, self._decode_previous
+        return self._redis.execute(hash_key, *args), self._decode_previous
 
     @staticmethod
     def reply_error(exc: ReplyError) -> Exception:
