@@ -216,6 +216,31 @@ def test_overloaded_past_max_in_flight_without_queueing(own_redis: RedisServer) 
         c.close()
 
 
+def test_a_connection_past_its_own_limit_waits_and_leaves_the_budget_to_others(own_redis: RedisServer) -> None:
+    # 60 pipelined requests on one connection against a daemon-wide budget of 16: without a
+    # per-connection bound they would take all 16 slots and the rest of them, and everybody
+    # else's, would be OVERLOADED. With it the connection runs 4 at a time and simply waits.
+    args = ["--max-in-flight", "16", "--max-in-flight-per-connection", "4", "--request-timeout-ms", "10000"]
+    with running(Daemon(own_redis.url, args=args)) as daemon:
+        hog, bystander, observer = (RawConnection(daemon.socket_path) for _ in range(3))
+        own_redis.pause()
+        try:
+            hog.send(*[[0, i, "get_linked_pod", [NS, f"hog{i}", SVC]] for i in range(60)])
+            time.sleep(0.2)
+            bystander.send(*[[0, i, "get_linked_pod", [NS, f"by{i}", SVC]] for i in range(3)])
+            time.sleep(0.2)
+            _, stats = observer.call(1, "stats", [])
+            assert stats["in_flight"] == 4 + 3 + 1  # the hog's 4, the bystander's 3, this stats call
+        finally:
+            own_redis.resume()
+        assert bystander.replies(3) == {i: (None, None) for i in range(3)}
+        assert hog.replies(60) == {i: (None, None) for i in range(60)}
+        # A held connection takes requests again as its calls end: a late request is served too.
+        assert hog.call(99, "get_linked_pod", [NS, "late", SVC]) == (None, None)
+        for c in (hog, bystander, observer):
+            c.close()
+
+
 # --- connections closed for protocol violations ------------------------------------------------
 
 MALFORMED = {

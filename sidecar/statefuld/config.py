@@ -69,6 +69,9 @@ class Config:
     max_message_bytes: int = _option(1024 * 1024, "Largest message accepted; larger closes the connection.", min=64)
     max_list_items: int = _option(10_000, "Most items in one list parameter.", min=1)
     max_in_flight: int = _option(4096, "Requests in progress daemon-wide before OVERLOADED.", min=1)
+    max_in_flight_per_connection: int = _option(
+        1024, "Requests in progress on one connection before the daemon stops reading it (it waits, no error).", min=1
+    )
     drain_timeout_s: float = _option(10.0, "On SIGTERM, how long requests in flight may finish.", min=0.0)
     log_level: str = _option("info", "Log level.", type=LOG_LEVELS)
     log_format: str = _option("text", "Log line format.", type=LOG_FORMATS)

@@ -106,6 +106,10 @@ class ServerState:
         self.timeout_s = config.request_timeout_ms / 1000
         self.max_message_bytes = config.max_message_bytes
         self.max_in_flight = config.max_in_flight
+        # One connection may have this many calls running; past it the daemon stops reading it
+        # (backpressure onto the peer's socket) and takes more once half of them are answered.
+        self.max_pending = config.max_in_flight_per_connection
+        self.resume_pending = config.max_in_flight_per_connection // 2
         self.allow_uids = frozenset(config.allow_uid)
         self.allow_gids = frozenset(config.allow_gid)
         # Requests and notifications being executed, daemon-wide (a dict used as an ordered set);
@@ -224,6 +228,11 @@ class RpcProtocol(asyncio.Protocol):
         self._write_paused = False
         self._closing = False
         self._pending = 0  # requests and notifications of this connection still executing
+        # At max_pending: input not taken yet (the unpacker keeps its already-fed messages, the
+        # rest of the read waits here) and reading paused until _resume_input.
+        self._holding = False
+        self._backlog: bytes | memoryview | None = None
+        self._resume_scheduled = False
         self._eof = False
         self._read_at = 0.0
         self._close_reason = ""
@@ -295,6 +304,10 @@ class RpcProtocol(asyncio.Protocol):
 
     def _request_done(self) -> None:
         self._pending -= 1
+        if self._holding and self._pending <= self._state.resume_pending and not self._resume_scheduled:
+            # Not from here: this may run inside redis_mux's read, which must not send meanwhile.
+            self._resume_scheduled = True
+            self._loop.call_soon(self._resume_input)  # type: ignore[union-attr]
         if self._eof and not self._pending:
             self._close("peer finished sending")
 
@@ -307,29 +320,43 @@ class RpcProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._transport is not None and not self._closing and not self._state.draining:
+        if self._transport is not None and not self._closing and not self._holding and not self._state.draining:
             self._transport.resume_reading()
 
     # --- bytes in ----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        unpacker = self._unpacker
-        if unpacker is None or self._closing:
+        if self._unpacker is None or self._closing:
             return
-        # One deadline for every message of this read: they all arrived now.
-        deadline = self._loop.time() + self._state.timeout_s  # type: ignore[union-attr]
+        if self._holding:  # a read that was already under way when reading paused
+            self._backlog = data if self._backlog is None else bytes(self._backlog) + data
+            return
         self._read_at = perf_counter()
+        self._take(data)
+
+    def _take(self, data: bytes | memoryview) -> None:
+        """Feed ``data`` and start the messages it completes, until the connection has
+        ``max_pending`` calls running: then the rest waits (``_hold``)."""
+        unpacker = self._unpacker
+        # One deadline for every message taken now: they all arrived (or were let in) now.
+        deadline = self._loop.time() + self._state.timeout_s  # type: ignore[union-attr]
         try:
+            if not self._drain_unpacker(unpacker, deadline):  # messages fed before a hold
+                self._hold(data)
+                return
             if len(data) <= _FEED_SLICE:
                 unpacker.feed(data)
-                self._drain_unpacker(unpacker, deadline)
-            else:
-                view = memoryview(data)
-                for start in range(0, len(view), _FEED_SLICE):
-                    unpacker.feed(view[start : start + _FEED_SLICE])
-                    self._drain_unpacker(unpacker, deadline)
-                    if self._closing:
-                        return
+                if not self._drain_unpacker(unpacker, deadline):
+                    self._hold(b"")
+                return
+            view = memoryview(data)
+            for start in range(0, len(view), _FEED_SLICE):
+                unpacker.feed(view[start : start + _FEED_SLICE])
+                if not self._drain_unpacker(unpacker, deadline):
+                    self._hold(view[start + _FEED_SLICE :])
+                    return
+                if self._closing:
+                    return
         except MalformedMessage as exc:
             self._malformed(str(exc))
         except msgpack.BufferFull:
@@ -337,10 +364,33 @@ class RpcProtocol(asyncio.Protocol):
         except Exception as exc:  # undecodable msgpack: FormatError, StackError, limits, unhashable keys...
             self._malformed(f"undecodable MessagePack ({type(exc).__name__}: {exc})")
 
-    def _drain_unpacker(self, unpacker: Any, deadline: float) -> None:
+    def _hold(self, rest: bytes | memoryview) -> None:
+        # Backpressure, not an error: a peer that pipelines more than max_pending calls waits in
+        # its own socket buffer (its sends block) instead of taking the daemon-wide budget, so it
+        # neither starves other connections nor gets OVERLOADED for being fast. What it sent
+        # beyond that is at most one read, kept here.
+        self._holding = True
+        self._backlog = rest if len(rest) else None
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def _resume_input(self) -> None:
+        self._resume_scheduled = False
+        if not self._holding or self._closing or self._unpacker is None or self._state.draining:
+            return
+        self._holding = False
+        backlog, self._backlog = self._backlog, None
+        self._read_at = perf_counter()
+        self._take(b"" if backlog is None else backlog)
+        if not self._holding and not self._closing and not self._write_paused and self._transport is not None:
+            self._transport.resume_reading()
+
+    def _drain_unpacker(self, unpacker: Any, deadline: float) -> bool:
+        """Start the messages the unpacker holds; False if it stopped at ``max_pending``."""
         # The unpacker parses incrementally and drops the bytes it has consumed, so its buffer
         # limit alone does not bound a message made of many small items: count its bytes here.
         limit = self._state.max_message_bytes
+        max_pending = self._state.max_pending
         for message in unpacker:
             end = unpacker.tell()
             if end - self._message_start > limit:
@@ -348,9 +398,12 @@ class RpcProtocol(asyncio.Protocol):
             self._message_start = end
             self._on_message(message, deadline)
             if self._closing:
-                return
+                return True
+            if self._pending >= max_pending:
+                return False
         if unpacker.tell() - self._message_start > limit:
             raise MalformedMessage(f"message larger than {limit} bytes")
+        return True
 
     def _on_message(self, message: Any, deadline: float) -> None:
         if type(message) is not list:
