@@ -10,6 +10,8 @@ import signal
 import socket
 import threading
 import time
+import traceback
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -206,6 +208,94 @@ def test_fork_child_reconnects_and_never_reads_parent_replies(daemon: Daemon) ->
         assert os.waitstatus_to_exitcode(status) == 0
         assert client._sock is parent_sock  # the child did not disturb the parent's connection
         assert client.get_linked_pod("fork", "child49", "svc") == 149
+
+
+def _exit_after(body: Callable[[], None]) -> None:
+    """In a forked child: run ``body``, then leave through os._exit (0 if it passed), never
+    returning into the parent's pytest."""
+    code = 1
+    try:
+        body()
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _exit_code(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+# Python 3.12+ warns about any fork with threads alive; this test forks with one on purpose.
+@pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
+def test_fork_while_another_thread_makes_the_first_connect(daemon: Daemon) -> None:
+    # A client that has never connected, its lock held by another thread (as during its first
+    # connect) when the process forks: the child must get a free lock, not wait for a thread it
+    # does not have until every call times out.
+    client = Client(daemon.socket_path, timeout_s=2.0)
+    held, release = threading.Event(), threading.Event()
+
+    def first_connect() -> None:
+        with client._lock:
+            held.set()
+            release.wait(10)
+
+    def child() -> None:
+        assert client.ping() == "PONG"
+        sock = client._sock
+
+        def grandchild() -> None:  # the child's own fork resets the client too
+            assert client._sock is None
+            assert client.ping() == "PONG"
+
+        pid = os.fork()
+        if pid == 0:
+            _exit_after(grandchild)
+        assert _exit_code(pid) == 0
+        assert client._sock is sock
+
+    thread = threading.Thread(target=first_connect)
+    thread.start()
+    try:
+        assert held.wait(5)
+        pid = os.fork()
+        if pid == 0:
+            _exit_after(child)
+    finally:
+        release.set()
+        thread.join(5)
+    assert _exit_code(pid) == 0
+    assert client.ping() == "PONG"
+    client.close()
+
+
+def test_every_client_is_reset_in_a_forked_child_from_its_construction() -> None:
+    # Not only once connected: a fork can come while another thread's first call is between
+    # connecting and recording that it did. Constructing registers (bookkeeping, no I/O).
+    sync_client, async_client = Client("/nonexistent/s.sock"), AsyncClient("/nonexistent/s.sock")
+    # What a first connect in progress may already have left: the parent's connection.
+    sock, peer = socket.socketpair()
+    sync_client._sock = sock
+    parents = types.SimpleNamespace(forgotten=False)
+    parents.forget = lambda: setattr(parents, "forgotten", True)
+    async_client._conn = parents  # type: ignore[assignment]
+
+    def child() -> None:
+        assert sync_client._sock is None
+        assert async_client._conn is None and parents.forgotten  # its socket closed, in the child only
+
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _exit_after(child)
+        assert _exit_code(pid) == 0
+        assert sync_client._sock is sock and not parents.forgotten  # the parent's are untouched
+    finally:
+        async_client._conn = None
+        sync_client.close()
+        peer.close()
 
 
 def test_fork_async_client(daemon: Daemon) -> None:

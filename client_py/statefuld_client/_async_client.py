@@ -210,6 +210,9 @@ class AsyncClient(AsyncAPI):
         self._packer = self._encoder.packer
         self._msgid = 0
         self._closed = False
+        # Registered now, not once connected: a fork in the middle of the first connect (run by
+        # another thread's loop) must still leave the child nothing of the parent's. No I/O.
+        _clients.add(self)
 
     def __repr__(self) -> str:
         conn = self._conn
@@ -419,7 +422,6 @@ class AsyncClient(AsyncAPI):
             conn.fail(ClientClosedError("the AsyncClient was closed"))
             raise ClientClosedError("this AsyncClient was closed; create a new one")
         self._conn = conn
-        _connected.add(self)
         return conn
 
     def _forget_after_fork(self) -> None:
@@ -429,14 +431,15 @@ class AsyncClient(AsyncAPI):
             conn.forget()
 
 
-_connected: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
+# Every live AsyncClient, whatever its state: the child of a fork resets each (and keeps them
+# registered, for its own forks).
+_clients: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
     # The child cannot use the parent's event loop; it will call from a new one, on a new connection.
-    for client in list(_connected):
+    for client in list(_clients):
         client._forget_after_fork()
-    _connected.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

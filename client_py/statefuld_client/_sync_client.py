@@ -77,6 +77,9 @@ class Client(SyncAPI):
         self._view = memoryview(self._buffer)
         self._msgid = 0
         self._closed = False
+        # Registered now, not at the first connect: a fork while another thread holds the lock
+        # during that connect must still hand the child a free lock. Bookkeeping only, no I/O.
+        _clients.add(self)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected" if self._sock is not None else "idle"
@@ -207,7 +210,6 @@ class Client(SyncAPI):
         self._sock = sock
         self._io_timeout_s = -1.0
         self._decoder = Decoder()
-        _connected.add(self)
         return sock
 
     def _drop(self) -> None:
@@ -294,13 +296,14 @@ class Client(SyncAPI):
         self._drop()
 
 
-_connected: weakref.WeakSet[Client] = weakref.WeakSet()
+# Every live Client, whatever its state: the child of a fork resets each (and keeps them
+# registered, for its own forks).
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    for client in list(_connected):
+    for client in list(_clients):
         client._forget_after_fork()
-    _connected.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
