@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 import pytest
 import redis
-from support import Daemon, RedisServer, rpc_call, running, wait_for
+from support import Daemon, RedisServer, free_port, rpc_call, running, wait_for
 
 NS, SVC = "game", "lobby"
 
@@ -176,6 +176,27 @@ def test_unavailable_is_fast_when_redis_is_down(own_redis: RedisServer) -> None:
         assert error["code"] == "UNAVAILABLE"
         assert time.monotonic() - started < 2.0  # fast, well before the 5 s deadline
         assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")  # alive without Redis
+
+
+def test_unavailable_before_the_deadline_when_redis_host_does_not_answer() -> None:
+    # Redis's address stops answering at all (a host gone from the network): the daemon's
+    # reconnect gets no SYN-ACK. A listener that never accepts, its one-slot backlog filled,
+    # makes the kernel drop further SYNs the same way. The caller must hear UNAVAILABLE once
+    # the connect timeout (1 s) passes, not wait out the 2 s deadline for a TIMEOUT.
+    port = free_port()
+    with running(RedisServer(port=port)) as server, running(Daemon(server.tcp_url)) as daemon:
+        server.stop()
+        with socket.socket() as silent, socket.socket() as filler:
+            silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            silent.bind(("127.0.0.1", port))
+            silent.listen(0)
+            filler.connect(("127.0.0.1", port))  # the backlog's one slot
+            started = time.monotonic()
+            error, _ = rpc_call(daemon.socket_path, "get_linked_pod", [NS, "alice", SVC])
+            elapsed = time.monotonic() - started
+        assert error["code"] == "UNAVAILABLE", error
+        assert elapsed < 1.8, f"answered after {elapsed:.2f}s"
+        assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
 
 
 def test_timeout_when_redis_hangs(own_redis: RedisServer) -> None:

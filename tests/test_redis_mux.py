@@ -186,6 +186,14 @@ def test_no_redis_is_unavailable_fast() -> None:
     run(scenario, timeout_s=5)
 
 
+def test_connect_timeout_is_under_the_request_deadline_unless_the_url_sets_one() -> None:
+    # redis-py's own default (5 s) would let a reconnect to a silent host outlast a request's
+    # 2 s deadline; tests/test_protocol.py shows the caller's side of it.
+    assert Endpoint.from_url("redis://127.0.0.1:6379/0").connect_timeout_s == 1.0
+    assert Endpoint.from_url("redis://127.0.0.1:6379/0?socket_connect_timeout=3").connect_timeout_s == 3.0
+    assert Endpoint.from_url("redis://127.0.0.1:6379/0", socket_connect_timeout=0.25).connect_timeout_s == 0.25
+
+
 def test_close_fails_commands_in_flight(url: str) -> None:
     async def scenario() -> None:
         mux = RedisMux(Endpoint.from_url(url))

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 import hiredis
 from redis.asyncio.connection import (
@@ -47,7 +49,9 @@ from statefuld.errors import Unavailable
 # hiredis returns this object, not a reply, when the buffer holds no complete reply yet; with
 # the default (False) a RESP3 boolean reply would be indistinguishable from "need more bytes".
 _NOT_ENOUGH_DATA = object()
-_DEFAULT_CONNECT_TIMEOUT_S = 2.0
+# Half the default request deadline (2 s): when Redis's host stops answering, a caller waiting
+# on the reconnect hears UNAVAILABLE, not TIMEOUT. A URL's socket_connect_timeout overrides it.
+_DEFAULT_CONNECT_TIMEOUT_S = 1.0
 _CLOSE_TIMEOUT_S = 2.0
 
 
@@ -100,7 +104,11 @@ class Endpoint:
         """Parse ``url`` (and redis-py connection kwargs) exactly as redis-py does."""
         pool = ConnectionPool.from_url(url, **redis_kwargs)
         conn = pool.connection_class(**pool.connection_kwargs)  # no I/O: only holds the settings
-        return cls.from_redis_connection(conn)
+        endpoint = cls.from_redis_connection(conn)
+        if "socket_connect_timeout" in redis_kwargs or "socket_connect_timeout" in parse_qs(urlsplit(url).query):
+            return endpoint
+        # Not asked for: redis-py's own default (5 s) would outlast the request deadline.
+        return dataclasses.replace(endpoint, connect_timeout_s=_DEFAULT_CONNECT_TIMEOUT_S)
 
     @classmethod
     def from_redis_connection(cls, conn: AbstractConnection, *, host: str | None = None,
