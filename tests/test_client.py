@@ -120,10 +120,7 @@ def test_every_method_returns_python_types(flavour: str, daemon: Daemon) -> None
 def test_placement_methods(flavour: str, daemon: Daemon) -> None:
     ns = f"place-{flavour}"
     with flavour_call(flavour, daemon.socket_path) as call:
-        try:
-            assert call("report_pod_load", ns, "lobby", 1, 10) is None
-        except UnknownMethodError:
-            pytest.skip("this daemon does not serve SPEC 2b yet")
+        assert call("report_pod_load", ns, "lobby", 1, 10) is None
         for pod_id in (1, 2):
             call("set_service_state", ns, "lobby", pod_id, "Ready")
         call("report_pod_load", ns, "lobby", 2, 20)
@@ -432,10 +429,7 @@ def test_notifications_are_executed_without_reply(flavour: str, daemon: Daemon, 
         wait_for(lambda: call("get_service_state", ns, "lobby") == {3: "Ready", 4: "Draining"}, timeout_s=5,
                  what="the notifications to take effect")
         assert call("ping") == "PONG"
-        try:
-            call("report_pod_load", ns, "lobby", 3, 1)
-        except UnknownMethodError:
-            return  # SPEC 2b not served yet: notify_pod_load has nothing to do
+        assert call("report_pod_load", ns, "lobby", 3, 1) is None
         assert call("notify_pod_load", ns, "lobby", 3, 42) is None
         loads = redis_db.hgetall(f"sf:{{{ns}:state:lobby}}load")
         wait_for(lambda: str(redis_db.hget(f"sf:{{{ns}:state:lobby}}load", "3")).startswith("42:"),
