@@ -2,7 +2,10 @@
 
 The server listens on a TLS port only (`--port 0`), so a daemon that serves spoke TLS. Checked: the
 server is verified against --redis-tls-ca-file (another CA's certificate, or one for another host
-name, is refused at start-up), and a client certificate is presented when Redis demands one.
+name, is refused at start-up), and a client certificate is presented when Redis demands one. A TLS
+file that is missing, unreadable or not usable is a configuration error (exit 78, one line naming
+the file), and TLS files given with a URL that is not rediss:// are warned about, not silently
+ignored.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import pytest
 from support import Daemon, RedisServer, free_port, rpc_call, running, short_tmpdir
 
 EXIT_REDIS_UNAVAILABLE = 69
+EXIT_CONFIG = 78
+PASSWORD = "tls-s3cret"
 NS, SVC = "tls", "lobby"
 
 
@@ -90,6 +95,7 @@ def test_tls_with_the_servers_ca(certs: Path) -> None:
         with running(daemon):
             serves(daemon, server)
             assert "rediss://127.0.0.1" in daemon.log()
+            assert "tls_files_ignored" not in daemon.log()  # the warning is for plain URLs only
 
 
 def test_a_server_certificate_from_another_ca_is_refused(certs: Path) -> None:
@@ -125,3 +131,46 @@ def test_client_certificate_when_redis_demands_one(certs: Path) -> None:
         ])
         with running(daemon):
             serves(daemon, server)
+
+
+def client_tls_args(certs: Path, **replace: str) -> list[str]:
+    files = {"ca": certs / "ca.crt", "cert": certs / "client.crt", "key": certs / "client.key"}
+    files.update({name: certs / value for name, value in replace.items()})
+    return ["--redis-tls-ca-file", str(files["ca"]), "--redis-tls-cert-file", str(files["cert"]),
+            "--redis-tls-key-file", str(files["key"])]
+
+
+@pytest.mark.parametrize(("replace", "expected"), [
+    ({"ca": "missing-ca.crt"}, "cannot read --redis-tls-ca-file {certs}/missing-ca.crt: No such file or directory"),
+    ({"cert": "missing.crt"}, "cannot read --redis-tls-cert-file {certs}/missing.crt: No such file or directory"),
+    ({"key": "missing.key"}, "cannot read --redis-tls-key-file {certs}/missing.key: No such file or directory"),
+    ({"ca": "."}, "cannot read --redis-tls-ca-file {certs}: Is a directory"),  # unreadable, even for root
+    ({"ca": "client.key"}, "cannot use --redis-tls-ca-file {certs}/client.key: [X509: NO_CERTIFICATE_OR_CRL_FOUND]"),
+    ({"key": "server.key"}, "cannot use --redis-tls-cert-file {certs}/client.crt with --redis-tls-key-file "
+                            "{certs}/server.key: [X509: KEY_VALUES_MISMATCH]"),
+])
+def test_an_unusable_tls_file_is_a_configuration_error(certs: Path, replace: dict[str, str], expected: str) -> None:
+    # Before: redis-py's FileNotFoundError/SSLError escaped start-up as exit 70 with a traceback,
+    # which systemd restarts forever. No Redis is needed: the files are checked before connecting.
+    daemon = Daemon(f"rediss://:{PASSWORD}@127.0.0.1:{free_port()}",
+                    args=[*client_tls_args(certs, **replace), "--startup-timeout-s", "0.5"])
+    try:
+        daemon.start(wait=False)
+        assert daemon.wait(15) == EXIT_CONFIG, daemon.log()
+        log = daemon.log()
+        assert f"statefuld cannot start: {expected.format(certs=certs)}" in log
+        assert "Traceback" not in log and PASSWORD not in log
+        assert not os.path.exists(daemon.socket_path)
+    finally:
+        daemon.cleanup()
+
+
+def test_tls_files_with_a_plain_url_are_warned_about(certs: Path) -> None:
+    # redis-py ignores TLS settings for redis://: an operator who meant rediss:// would otherwise
+    # send the password and every user id in clear with nothing in the log to say so.
+    with running(RedisServer(port=free_port())) as server:
+        daemon = Daemon(server.tcp_url, args=["--redis-tls-ca-file", str(certs / "ca.crt")])
+        with running(daemon):
+            serves(daemon, server)
+            assert f"ignoring --redis-tls-ca-file {certs / 'ca.crt'}: redis://127.0.0.1:{server.port} is not " \
+                   "reached over TLS" in daemon.log()

@@ -1,7 +1,7 @@
 """The daemon's lifecycle: start in an order that cannot leave it half ready, stop in reverse.
 
 Start: check the socket path (before anything else, so a second daemon fails fast and never
-starts a Redis on a data directory in use) -> embedded Redis (when there is no --redis-url)
+starts a Redis on a data directory in use) -> check the Redis TLS files -> embedded Redis (when there is no --redis-url)
 -> Executor.connect (Redis answers, scripts loaded) -> bind the socket -> READY=1.
 Stop (SIGTERM/SIGINT): STOPPING=1 -> close the listener -> stop reading -> drain requests in
 flight up to drain_timeout_s -> cancel the rest -> close the connections -> close Redis ->
@@ -20,6 +20,7 @@ import os
 import shlex
 import signal
 import socket
+import ssl
 import stat
 from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
@@ -48,6 +49,7 @@ _MAX_UNIX_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
 _BACKLOG = 1024
 _CLOSE_TIMEOUT_S = 2.0  # after the drain: how long replies may take to leave before connections are cut
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_TLS_SCHEMES = ("rediss://", "rediss+sentinel://")
 
 
 class StartupError(Exception):
@@ -134,6 +136,8 @@ class Server:
                 parse_addr(config.metrics_addr)
             except ValueError as exc:
                 raise StartupError(str(exc), EXIT_CONFIG) from exc
+
+        _check_redis_tls(config)
 
         if not await self._until_stop_requested(self._connect_redis()):
             log.info("stop requested during start-up")
@@ -366,6 +370,53 @@ def _resolve_group(group: str | None) -> int | None:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise StartupError(f"socket group {group!r} does not exist", EXIT_CONFIG) from None
+
+
+def _check_redis_tls(config: Config) -> None:
+    """Refuse Redis TLS files that cannot be used (EXIT_CONFIG, naming the file), and warn about
+    TLS files given for a Redis not reached over TLS: redis-py ignores them without a word."""
+    files = {"--redis-tls-ca-file": config.redis_tls_ca_file, "--redis-tls-cert-file": config.redis_tls_cert_file,
+             "--redis-tls-key-file": config.redis_tls_key_file}
+    given = {option: path for option, path in files.items() if path}
+    if not given:
+        return
+    url = config.redis_url
+    if url is None or not url.startswith(_TLS_SCHEMES):
+        log.warning("ignoring %s: %s is not reached over TLS (that takes a rediss:// or rediss+sentinel:// URL)",
+                    ", ".join(f"{option} {path}" for option, path in given.items()),
+                    "the embedded Redis" if url is None else redact_url(url), extra={"event": "tls_files_ignored"})
+        return
+    for option, path in given.items():
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise StartupError(f"cannot read {option} {path}: {exc.strerror}", EXIT_CONFIG) from exc
+    cert, key, ca = config.redis_tls_cert_file, config.redis_tls_key_file, config.redis_tls_ca_file
+    if key and not cert:
+        raise StartupError("--redis-tls-key-file needs --redis-tls-cert-file (the certificate of that key)",
+                           EXIT_CONFIG)
+    # Readable is not yet usable. Load them as redis-py will when it first connects, where the
+    # same error would escape as a crash (exit 70, a traceback). A passphrase is never asked for:
+    # a daemon has no one to ask, so an encrypted key fails here like any unusable one.
+    context = ssl.create_default_context()
+    if cert:
+        try:
+            context.load_cert_chain(cert, key, password=lambda: b"")
+        except OSError as exc:
+            pair = f"--redis-tls-cert-file {cert}" + (f" with --redis-tls-key-file {key}" if key else "")
+            # OpenSSL's bare "PEM lib" says nothing of which of these it was.
+            hint = " (not PEM, an encrypted key, or no private key)" if _bare_ssl_error(exc) else ""
+            raise StartupError(f"cannot use {pair}: {exc}{hint}", EXIT_CONFIG) from exc
+    if ca:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except OSError as exc:
+            raise StartupError(f"cannot use --redis-tls-ca-file {ca}: {exc}", EXIT_CONFIG) from exc
+
+
+def _bare_ssl_error(exc: OSError) -> bool:
+    return isinstance(exc, ssl.SSLError) and exc.reason is None
 
 
 def _check_socket_path(path: str) -> None:
