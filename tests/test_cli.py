@@ -60,3 +60,18 @@ def test_health_exit_code_follows_redis_reachability() -> None:
         assert json.loads(down.stdout)["ready"] is False
         # ping is liveness: the daemon itself is fine while Redis is away.
         assert statefuld("ping", socket_path=daemon.socket_path).returncode == 0
+
+
+def test_call_serves_placement(daemon: Daemon) -> None:
+    sock = daemon.socket_path
+    for pod in ("1", "2"):
+        assert statefuld("call", "set_service_state", "game", "lobby", pod, "Ready", socket_path=sock).returncode == 0
+    # Only pod 1 reports a load, so only pod 1 is eligible: the pick is deterministic.
+    reported = statefuld("call", "report_pod_load", "game", "lobby", "1", "0", socket_path=sock)
+    assert (reported.returncode, reported.stdout.strip()) == (0, "null")
+    linked = statefuld("call", "compute_linked_pod", "game", "alice", "lobby", "-1", socket_path=sock)
+    assert (linked.returncode, json.loads(linked.stdout)) == (0, 1)
+    nobody = statefuld("call", "compute_linked_pod", "game", "bob", "chat", "-1", socket_path=sock)
+    assert (nobody.returncode, nobody.stdout.strip()) == (0, "null")
+    bad = statefuld("call", "report_pod_load", "game", "lobby", "2", "-3", socket_path=sock)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "load" in bad.stderr
