@@ -287,6 +287,19 @@ def test_service_agrees_with_the_daemon() -> None:
     assert socket_unit["SocketGroup"] == svc["Group"]
 
 
+def test_the_socket_is_reachable_by_its_group_before_the_service_first_runs() -> None:
+    # systemd creates the socket's directory root:root with DirectoryMode= (SocketUser=/SocketGroup=
+    # chown the socket file only), and only the service's RuntimeDirectory= makes it statefuld's.
+    # Until then the statefuld group's members are "others" there, so they need o+x; the 0660
+    # socket, not the directory, keeps everyone else out.
+    socket_unit = parse_unit(UNITS / "statefuld.socket")["Socket"]
+    directory_mode = int(socket_unit["DirectoryMode"][0], 8)
+    assert directory_mode & stat.S_IXOTH, f"DirectoryMode={directory_mode:04o}: the group gets EACCES"
+    assert not directory_mode & (stat.S_IWGRP | stat.S_IWOTH)  # the daemon refuses such a directory (78)
+    socket_mode = int(socket_unit["SocketMode"][0], 8)
+    assert socket_mode & stat.S_IRWXO == 0 and socket_mode & stat.S_IRWXG == stat.S_IRGRP | stat.S_IWGRP
+
+
 def restart_prevented() -> set[int]:
     svc = parse_unit(UNITS / "statefuld.service")["Service"]
     return {int(code) for value in svc["RestartPreventExitStatus"] for code in value.split()}
