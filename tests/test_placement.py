@@ -215,6 +215,20 @@ def test_a_pod_reporting_a_much_higher_load_gets_clearly_fewer(with_executor: Ex
     assert max(others) <= 1.5 * min(others), counts
 
 
+def test_two_random_choices_not_always_the_least_loaded(with_executor: ExecutorRun) -> None:
+    # Pod 0 is far below the others for the whole run (its load reaches about 250 of their 1000+).
+    # Always-least-loaded would give it every user; power of two choices gives it exactly the
+    # picks where it is one of the two pods drawn: 1 - C(7,2)/C(8,2) = 1/4 of them (a uniform
+    # random pick would give 1/8). Binomial(1000, 1/4) falls outside 180..330 with probability
+    # below 1e-7; Binomial(1000, 1/8) inside it with probability below 1e-6.
+    counts = _spread(with_executor, {0: 0, **{pod: 1000 for pod in range(1, 8)}}, 1000)
+    assert None not in counts
+    assert 180 <= counts[0] <= 330, counts
+    # The others share the rest, balanced by the same two choices (at least 36 each in 20,000
+    # simulated runs; about 107 on average).
+    assert min(counts[pod] for pod in range(1, 8)) >= 10, counts
+
+
 # --- over the wire, through the daemon --------------------------------------------------------------
 
 
