@@ -6,7 +6,8 @@
 -- KEYS[2] P:{NS:state:SVC}load   hash: pod id -> "<load>:<unix ms>"
 -- ARGV[1] staleness bound in ms   ARGV[2], ARGV[3] two random numbers in [0, 1)
 -- ARGV[4..] the routable states
--- Reply: the chosen pod id (bulk string), or nil when no pod is routable with a fresh report.
+-- Reply: the chosen pod id (bulk string), or nil when no pod is routable with a fresh report
+-- (one less than ARGV[1] ms old by Redis' clock).
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
 local stale_ms = tonumber(ARGV[1])
@@ -30,7 +31,8 @@ for i = 1, #states, 2 do
   -- Only pod ids (decimal, 0..2^31-1): another tool's larger number must never get a user.
   if routable[state] and report and string.match(pod, '^%d+$') and tonumber(pod) <= 2147483647 then
     local load, stamp = string.match(report, '^(%d+):(%d+)$')
-    if load and now_ms - tonumber(stamp) <= stale_ms then
+    -- Fresher than the bound (SPEC 2b): a report exactly stale_ms old is stale.
+    if load and now_ms - tonumber(stamp) < stale_ms then
       eligible[#eligible + 1] = {pod = pod, load = tonumber(load), stamp = stamp}
     end
   end

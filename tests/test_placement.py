@@ -21,6 +21,7 @@ from conftest import ExecutorRun
 from support import Daemon, RedisServer, rpc_call, wait_for
 
 from statefuld.executor import Executor
+from statefuld.scripts import scripts_dir
 
 NS, SVC = "game", "lobby"
 STATES = "sf:{game:state:lobby}"
@@ -179,6 +180,34 @@ def test_a_report_goes_stale_after_the_bound(with_executor: ExecutorRun, redis_d
         return fresh, stale, await ex.compute_linked_pod(NS, "late", SVC, -1)
 
     assert with_executor(body, load_stale_ms=300) == (1, None, 1)
+
+
+# pick_pod.lua's own text run inside a wrapper that writes pod 1's report ARGV[1] ms before
+# Redis' clock, then reads the clock again: when the millisecond did not change meanwhile, the
+# pick saw a report exactly that old. Otherwise it answers "retry".
+_AT_AGE = """
+local function ms() local t = redis.call('TIME'); return t[1] * 1000 + math.floor(t[2] / 1000) end
+local before = ms()
+redis.call('HSET', KEYS[2], '1', '0:' .. (before - tonumber(ARGV[1])))
+local function pick(KEYS, ARGV)
+%s
+end
+local picked = pick(KEYS, {unpack(ARGV, 2)})
+if ms() ~= before then return 'retry' end
+return picked or 'none'
+"""
+
+
+@pytest.mark.parametrize(("age_ms", "expected"), [(999, "1"), (1000, "none")])
+def test_a_report_must_be_fresher_than_the_bound(age_ms: int, expected: str, redis_db: redis.Redis) -> None:
+    # SPEC 2b: "fresher than" the staleness bound; a report exactly as old as the bound is stale.
+    wrapper = _AT_AGE % (scripts_dir() / "pick_pod.lua").read_text()
+    redis_db.hset(STATES, "1", "Ready")
+    for _ in range(100):  # a millisecond tick during the script is rare; retried, never judged
+        reply = redis_db.eval(wrapper, 2, STATES, LOADS, age_ms, 1000, 0.5, 0.5, "Ready")
+        if reply != "retry":
+            break
+    assert reply == expected
 
 
 def _spread(with_executor: ExecutorRun, loads: dict[int, int], users: int) -> collections.Counter[int | None]:
