@@ -7,8 +7,10 @@
 #       -e STATEFULD_REDIS_URL=redis://redis:6379/0 -e STATEFULD_REDIS_PASSWORD statefuld
 #
 # The image does not bundle Redis: set STATEFULD_REDIS_URL (the embedded mode is for a laptop,
-# not a container). Stopping drains for STATEFULD_DRAIN_TIMEOUT_S (8 s here), inside Docker's
-# default 10 s stop grace period; raise both together (docker run --stop-timeout, Kubernetes
+# not a container). Stopping drains for STATEFULD_DRAIN_TIMEOUT_S (3 s here: above the 2 s
+# default request deadline), then takes up to 6 s more (server.STOP_AFTER_DRAIN_S: cancelled
+# requests, last replies, closing Redis); 3 + 6 stays inside Docker's default 10 s stop grace
+# period. Raise both together (docker run --stop-timeout, Kubernetes
 # terminationGracePeriodSeconds). More: docs/DEPLOYMENT.md. tests/test_deploy_docker.py runs
 # the RUN steps marked "mirrored" below outside Docker.
 
@@ -38,7 +40,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
 
 ENV STATEFULD_SOCKET=/run/statefuld/statefuld.sock \
     STATEFULD_LOG_FORMAT=json \
-    STATEFULD_DRAIN_TIMEOUT_S=8 \
+    STATEFULD_DRAIN_TIMEOUT_S=3 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 VOLUME ["/run/statefuld"]

@@ -29,6 +29,7 @@ import pytest
 from support import REPO, RedisServer, short_tmpdir, wait_for
 
 from statefuld.config import PASSWORD_ENV, Config
+from statefuld.server import STOP_AFTER_DRAIN_S
 
 dockerfile_parse = pytest.importorskip("dockerfile_parse")
 
@@ -124,8 +125,18 @@ def test_image_contract() -> None:
     statefuld_env = {name for name in env if name.startswith("STATEFULD_")}
     assert statefuld_env <= serve_envvars(), statefuld_env - serve_envvars()
     assert PASSWORD_ENV not in env and "STATEFULD_REDIS_URL" not in env
-    # `docker stop` must not SIGKILL a daemon still draining.
-    assert float(env["STATEFULD_DRAIN_TIMEOUT_S"]) < DOCKER_DEFAULT_STOP_TIMEOUT_S
+
+
+def test_docker_stop_waits_for_the_slowest_clean_stop() -> None:
+    # `docker stop` SIGKILLs after its timeout. After the drain bound the daemon still cancels
+    # what is left, lets the last replies leave and closes Redis, each with its own bound: the
+    # worst case is the drain plus all of those, and it must end before the SIGKILL.
+    env = parse_stages()[1]
+    drain_s = float(env["STATEFULD_DRAIN_TIMEOUT_S"])
+    assert drain_s + STOP_AFTER_DRAIN_S < DOCKER_DEFAULT_STOP_TIMEOUT_S, (drain_s, STOP_AFTER_DRAIN_S)
+    # A drain shorter than the request deadline would cut requests that were on time.
+    request_timeout_s = int(env.get("STATEFULD_REQUEST_TIMEOUT_MS", Config(socket_path="/unused").request_timeout_ms))
+    assert drain_s > request_timeout_s / 1000
 
 
 def test_dockerignore_keeps_only_the_sources_the_build_copies() -> None:

@@ -40,7 +40,8 @@ from statefuld.errors import (
     Unavailable,
 )
 from statefuld.metrics import MetricsListener, Observer, RedisWatch, parse_addr
-from statefuld.protocol import RpcProtocol, ServerState
+from statefuld.protocol import _DRAIN_CANCEL_S, RpcProtocol, ServerState
+from statefuld.redis_mux import _CLOSE_TIMEOUT_S as _REDIS_CLOSE_TIMEOUT_S
 
 log = logging.getLogger("statefuld.server")
 
@@ -48,6 +49,12 @@ _T = TypeVar("_T")
 _MAX_UNIX_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
 _BACKLOG = 1024
 _CLOSE_TIMEOUT_S = 2.0  # after the drain: how long replies may take to leave before connections are cut
+# The longest a stop can take beyond drain_timeout_s: cancelled requests' Tasks ending, replies
+# leaving, the Redis connections closing (in parallel), one after the other. Whatever stops the
+# daemon (docker stop, terminationGracePeriodSeconds, TimeoutStopSec=) must wait longer than
+# drain_timeout_s + this, or it kills a daemon that is still stopping cleanly; the deployment
+# tests check each recipe against it.
+STOP_AFTER_DRAIN_S: float = _DRAIN_CANCEL_S + _CLOSE_TIMEOUT_S + _REDIS_CLOSE_TIMEOUT_S
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _TLS_SCHEMES = ("rediss://", "rediss+sentinel://")
 
