@@ -116,6 +116,28 @@ def test_every_bad_value_is_invalid_argument_naming_its_parameter(method: str, p
     assert info.value.to_wire()["code"] == "INVALID_ARGUMENT"
 
 
+@pytest.mark.parametrize(("param", "value", "shown"), [
+    ("pod_id", -5, "got -5"), ("pod_id", 2**31, "got 2147483648"), ("pod_id", 2**64 - 1, "got 18446744073709551615"),
+    ("pod_id", True, "got bool"), ("pod_id", "three", "got str"), ("load", -1, "got -1"),
+    ("load", -(2**63), "got -9223372036854775808"), ("persist_seconds", 0, "got 0"),
+    ("persist_seconds", None, "got nil"),
+])
+def test_an_out_of_range_int_is_shown_in_the_message(param: str, value: Any, shown: str) -> None:
+    method = "report_pod_load" if param == "load" else "set_linked_pod"
+    params = list(VALID[method])
+    params[METHODS[method].params.index(param)] = value
+    with pytest.raises(InvalidArgument) as info:
+        validate(method, params, CONFIG)
+    assert info.value.message.endswith(shown), info.value.message
+
+
+def test_a_huge_int_is_cut_in_the_message() -> None:
+    # Not from the wire (msgpack ints have at most 20 digits), but a message stays short anyway.
+    with pytest.raises(InvalidArgument) as info:
+        validate("set_linked_pod", ["game", "alice", "lobby", 10**100, -1], CONFIG)
+    assert info.value.message.endswith("got 100000000000000000000000..."), info.value.message
+
+
 @pytest.mark.parametrize("kind", sorted(GOOD_BY_KIND))
 def test_values_at_the_edges_of_the_rules_are_accepted(kind: str) -> None:
     for method, params in VALID.items():

@@ -33,6 +33,18 @@ def _type_name(value: Any) -> str:
     return "nil" if value is None else type(value).__name__
 
 
+_SHOWN_INT_CHARS = 24  # any msgpack integer (at most 20 digits and a sign) is shown whole
+
+
+def _shown(value: Any) -> str:
+    # The caller learns which int was out of range; other values only by type, so an error never
+    # echoes a caller's string. Cut, so a message stays short whatever a caller hands in.
+    if type(value) is int:
+        text = str(value)
+        return text if len(text) <= _SHOWN_INT_CHARS else text[:_SHOWN_INT_CHARS] + "..."
+    return _type_name(value)
+
+
 def _utf8_size(param: str, value: Any) -> int:
     if type(value) is not str:
         raise InvalidArgument(f"{param} must be a string, got {_type_name(value)}")
@@ -83,22 +95,19 @@ def check_state(param: str, value: Any) -> str:
 
 def check_pod_id(param: str, value: Any) -> int:
     if type(value) is not int or not 0 <= value <= MAX_INT32:  # type() so that a bool is refused
-        raise InvalidArgument(f"{param} must be an integer in 0..{MAX_INT32}, got {_type_name(value)}")
+        raise InvalidArgument(f"{param} must be an integer in 0..{MAX_INT32}, got {_shown(value)}")
     return value
 
 
 def check_persist_seconds(param: str, value: Any) -> int:
     if type(value) is not int or not (value == -1 or 1 <= value <= MAX_INT32):
-        raise InvalidArgument(
-            f"{param} must be -1 (persistent) or 1..{MAX_INT32} seconds, got "
-            + (str(value) if type(value) is int else _type_name(value))
-        )
+        raise InvalidArgument(f"{param} must be -1 (persistent) or 1..{MAX_INT32} seconds, got {_shown(value)}")
     return value
 
 
 def check_load(param: str, value: Any) -> int:
     if type(value) is not int or not 0 <= value <= MAX_INT32:
-        raise InvalidArgument(f"{param} must be an integer in 0..{MAX_INT32}, got {_type_name(value)}")
+        raise InvalidArgument(f"{param} must be an integer in 0..{MAX_INT32}, got {_shown(value)}")
     return value
 
 
