@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,6 +29,7 @@ from statefuld_client import (
     ClientTimeoutError,
     ConnectRefusedError,
     InvalidArgumentError,
+    ServerError,
     SocketNotFoundError,
     UnknownMethodError,
 )
@@ -114,6 +117,20 @@ def test_every_method_returns_python_types(flavour: str, daemon: Daemon) -> None
         with pytest.raises(UnknownMethodError):
             call("call", "no_such_method")
         assert call("ping", timeout_s=1.0) == "PONG"  # the connection survived the errors
+
+
+def test_docstring_examples_show_what_the_daemon_answers(daemon: Daemon) -> None:
+    # An example that shows another reply than the daemon's misleads whoever matches on it.
+    with Client(daemon.socket_path) as client:
+        for doc in (Client.health.__doc__, AsyncClient.health.__doc__):
+            example = re.search(r"-> ``(\{.*?\})``", doc or "")
+            assert example is not None, doc
+            assert ast.literal_eval(example.group(1)) == client.health()
+        shown = re.search(r"print\(exc.code, exc.message\)\s+# (.+)", ServerError.__doc__ or "")
+        assert shown is not None, ServerError.__doc__
+        with pytest.raises(InvalidArgumentError) as excinfo:
+            client.set_linked_pod("game", "alice", "lobby", 3, 0)  # the example's call
+        assert f"{excinfo.value.code} {excinfo.value.message}" == shown.group(1)
 
 
 @FLAVOURS

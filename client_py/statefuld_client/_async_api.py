@@ -49,7 +49,8 @@ class AsyncAPI:
     async def health(self, *, timeout_s: float | None = None) -> dict[str, Any]:
         """The daemon's health: at least ``ready`` (bool: Redis reachable, scripts loaded) and ``redis``.
 
-        Example: ``await client.health()`` -> ``{"ready": True, "redis": "unix:///run/redis.sock"}``
+        Example: ``await client.health()`` -> ``{"ready": True, "redis": "ok"}``
+        (when Redis cannot be reached: ``{"ready": False, "redis": "unreachable: ..."}``)
         """
         return cast("dict[str, Any]", await self._call("health", [], timeout_s, True))
 

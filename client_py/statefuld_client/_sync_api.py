@@ -47,7 +47,8 @@ class SyncAPI:
     def health(self, *, timeout_s: float | None = None) -> dict[str, Any]:
         """The daemon's health: at least ``ready`` (bool: Redis reachable, scripts loaded) and ``redis``.
 
-        Example: ``client.health()`` -> ``{"ready": True, "redis": "unix:///run/redis.sock"}``
+        Example: ``client.health()`` -> ``{"ready": True, "redis": "ok"}``
+        (when Redis cannot be reached: ``{"ready": False, "redis": "unreachable: ..."}``)
         """
         return cast("dict[str, Any]", self._call("health", [], timeout_s, True))
 

@@ -59,7 +59,8 @@ class ServerError(StatefuldError):
         try:
             client.set_linked_pod("game", "alice", "lobby", 3, 0)
         except InvalidArgumentError as exc:
-            print(exc.code, exc.message)   # INVALID_ARGUMENT persist_seconds must be -1 or > 0
+            print(exc.code, exc.message)
+            # INVALID_ARGUMENT persist_seconds must be -1 (persistent) or 1..2147483647 seconds, got 0
     """
 
     wire_code: ClassVar[str] = ""
