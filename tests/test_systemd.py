@@ -36,6 +36,8 @@ from support import REPO, Daemon, RedisServer, rpc_call, short_tmpdir, wait_for
 
 from statefuld import errors, systemd
 from statefuld.config import Config
+from statefuld.embedded import _STOP_TIMEOUT_S as EMBEDDED_STOP_TIMEOUT_S
+from statefuld.server import STOP_AFTER_DRAIN_S
 from statefuld_client import default_socket_path
 
 UNITS = REPO / "systemd"
@@ -263,7 +265,8 @@ def test_service_agrees_with_the_daemon() -> None:
     assert prevented == {errors.EXIT_USAGE, errors.EXIT_SOCKET_IN_USE, errors.EXIT_CONFIG}
     assert errors.EXIT_REDIS_UNAVAILABLE not in prevented
     defaults = Config(socket_path="/unused")
-    assert seconds(svc["TimeoutStopSec"][0]) > defaults.drain_timeout_s
+    # Not SIGKILLed while still stopping cleanly: the drain, what follows it, an embedded Redis's exit.
+    assert seconds(svc["TimeoutStopSec"][0]) > defaults.drain_timeout_s + STOP_AFTER_DRAIN_S + EMBEDDED_STOP_TIMEOUT_S
     assert seconds(svc["TimeoutStartSec"][0]) > defaults.startup_timeout_s
     assert svc["KillMode"] == ["mixed"]  # SIGTERM to the daemon only; it stops its embedded Redis itself
     assert svc["RuntimeDirectory"] == ["statefuld"] and svc["RuntimeDirectoryPreserve"] == ["yes"]
