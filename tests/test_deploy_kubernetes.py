@@ -142,6 +142,20 @@ def test_configuration_comes_from_the_environment() -> None:
     assert password["valueFrom"]["secretKeyRef"]["key"] in secret["stringData"]
 
 
+def test_the_docs_create_the_secret_and_never_apply_the_example() -> None:
+    # `kubectl apply -f deploy/kubernetes/` applies every manifest there, the example Secret too:
+    # a real Redis password would be replaced with the example's placeholder.
+    example = REPO / "deploy" / "kubernetes" / "redis-secret.example.yaml"
+    (secret,) = load(example)
+    for doc in (REPO / "README.md", REPO / "docs" / "DEPLOYMENT.md"):
+        text = doc.read_text()
+        applied = [REPO / target for target in re.findall(r"kubectl apply -f (\S+)", text)]
+        assert applied, doc
+        for target in applied:
+            assert target.is_file() and target != example, f"{doc.name}: kubectl apply -f {target}"
+        assert f"kubectl create secret generic {secret['metadata']['name']} --from-literal=password=" in text, doc
+
+
 def test_stop_budget_covers_the_drain() -> None:
     env = env_of(sidecar())
     drain_s = float(env["STATEFULD_DRAIN_TIMEOUT_S"]["value"]) if "STATEFULD_DRAIN_TIMEOUT_S" in env else \
