@@ -81,7 +81,7 @@ class Config:
     routable_state: tuple[str, ...] = _option(
         ("Ready",), "Pod state that compute_linked_pod may route to (repeatable).", multiple=True
     )
-    load_stale_ms: int = _option(10_000, "A pod load report older than this is not used for placement.", min=1)
+    load_stale_ms: int = _option(10_000, "A pod load report this old or older is not used for placement.", min=1)
 
     # Secret: not an option, not in repr. Filled from PASSWORD_ENV or redis_password_file.
     redis_password: str | None = field(default=None, repr=False, metadata={"secret": True})
