@@ -260,6 +260,10 @@ def running(proc: Any) -> Iterator[Any]:
 # --- Redis Cluster and Sentinel (STATEFULD_TEST_BACKEND, tests/test_topology.py) ------------------
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 class ClusterInspector(redis.cluster.RedisCluster):
     """A test's view of a whole cluster: the keyless commands the tests use to inspect Redis
     (KEYS, DBSIZE, INFO commandstats) answer for every primary, as on one server."""
@@ -359,38 +363,46 @@ class RedisClusterProcs:
 
 class RedisSentinelProcs:
     """A primary, a replica and three sentinels (quorum 2) on loopback, with small timeouts so
-    that a failover takes seconds."""
+    that a failover takes seconds. ``host``: the loopback address every node and sentinel is
+    known by (e.g. ``::1``)."""
 
     def __init__(self, *, master_name: str = "mymaster", down_after_ms: int = 1000,
-                 failover_timeout_ms: int = 2000, acl: Sequence[str] = ()) -> None:
+                 failover_timeout_ms: int = 2000, acl: Sequence[str] = (), host: str = "127.0.0.1") -> None:
         self.master_name = master_name
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
-        self.primary = RedisServer(port=free_port(), extra_args=acl)
-        self.replica = RedisServer(port=free_port(), extra_args=acl)
+        self.host = host
+        self.primary, self.replica = (self._node(free_port(), acl) for _ in range(2))
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinel_procs: list[subprocess.Popen[bytes]] = []
         self.dir = short_tmpdir("sfs-")
 
+    def _node(self, port: int, acl: Sequence[str]) -> RedisServer:
+        args = list(acl)
+        if self.host != "127.0.0.1":
+            args += ["--bind", "127.0.0.1", self.host]
+        return RedisServer(port=port, extra_args=args)
+
     @property
     def url(self) -> str:
-        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        hosts = ",".join(f"{_url_host(self.host)}:{port}" for port in self.sentinel_ports)
         return f"redis+sentinel://{hosts}/{self.master_name}"
 
     def start(self) -> RedisSentinelProcs:
         try:
             self.primary.start()
             assert self.primary.port is not None
-            self.replica.extra_args += ["--replicaof", "127.0.0.1", str(self.primary.port)]
+            self.replica.extra_args += ["--replicaof", self.host, str(self.primary.port)]
             self.replica.start()
             wait_for(lambda: self.replica.client().info("replication").get("master_link_status") == "up",
                      what="the replica to sync")
             for i, port in enumerate(self.sentinel_ports):
                 conf = os.path.join(self.dir, f"sentinel-{i}.conf")
+                bind = "127.0.0.1" if self.host == "127.0.0.1" else f"127.0.0.1 {self.host}"
                 Path(conf).write_text(
-                    f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                    f"port {port}\nbind {bind}\ndir {self.dir}\n"
                     f"logfile {os.path.join(self.dir, f'sentinel-{i}.log')}\n"
-                    f"sentinel monitor {self.master_name} 127.0.0.1 {self.primary.port} 2\n"
+                    f"sentinel monitor {self.master_name} {self.host} {self.primary.port} 2\n"
                     f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
                     f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}\n"
                 )
@@ -404,7 +416,7 @@ class RedisSentinelProcs:
         return self
 
     def sentinel(self, i: int = 0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.sentinel_ports[i], decode_responses=True, socket_timeout=2)
+        return redis.Redis(host=self.host, port=self.sentinel_ports[i], decode_responses=True, socket_timeout=2)
 
     def _settled(self) -> bool:
         for i in range(len(self.sentinel_ports)):

@@ -8,6 +8,7 @@ fixtures (STATEFULD_TEST_BACKEND, see conftest.py); this module tests what only 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from conftest import run_async
 from redis.crc import key_slot
-from support import RedisClusterProcs, RedisSentinelProcs, RedisServer, running
+from support import Daemon, RedisClusterProcs, RedisSentinelProcs, RedisServer, rpc_call, running
 
 from statefuld.config import Config
 from statefuld.errors import Unavailable
@@ -143,6 +144,33 @@ def test_sentinel_url_forms() -> None:
     for bad in ("redis+sentinel://h1:26379", "redis+sentinel://h1/m", "redis+sentinel://h:1/m/x"):
         with pytest.raises(ValueError):
             SentinelUrl.parse(bad)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_an_ipv6_sentinel_address_is_bracketed_in_the_node_url() -> None:
+    transport = make_transport(Config(redis_url="rediss+sentinel://[::1]:26379,h:26380/mymaster/2"))
+    assert isinstance(transport, SentinelTransport)
+    assert transport.describe().startswith("Redis Sentinel [::1]:26379,h:26380 master 'mymaster'")
+    assert SentinelUrl.parse("redis+sentinel://[::1]:1/m/3").node_url(("::1", 7)) == "redis://[::1]:7/3"
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_a_daemon_starts_and_serves_with_ipv6_sentinels() -> None:
+    with running(RedisSentinelProcs(host="::1")) as procs:
+        assert procs.url.startswith("redis+sentinel://[::1]:")
+        with running(Daemon(procs.url)) as daemon:
+            assert rpc_call(daemon.socket_path, "set_linked_pod", [NS, "v6", SVC, 6, -1]) == (None, None)
+            assert rpc_call(daemon.socket_path, "get_linked_pod", [NS, "v6", SVC]) == (None, 6)
+            assert f"primary: [::1]:{procs.primary.port}" in daemon.log()
+        assert procs.primary.client().get(link("v6")) == "6"
 
 
 def test_sentinel_follows_the_primary_with_an_acl_user() -> None:

@@ -155,11 +155,9 @@ def _redis_kwargs(config: Config, tls: bool) -> dict[str, Any]:
 
 def _sentinel_transport(url: str, config: Config) -> SentinelTransport:
     parsed = SentinelUrl.parse(url)
-    scheme = "rediss" if parsed.tls else "redis"
-    host, port = parsed.sentinels[0]
     # The primary: --redis-username and STATEFULD_REDIS_PASSWORD, as for any Redis. The
     # sentinels: the credentials in the URL (sentinels often have their own password, or none).
-    primary = Endpoint.from_url(f"{scheme}://{host}:{port}/{parsed.db}", **_redis_kwargs(config, parsed.tls))
+    primary = Endpoint.from_url(parsed.node_url(parsed.sentinels[0]), **_redis_kwargs(config, parsed.tls))
     sentinel = dataclasses.replace(
         primary, db=0, username=parsed.username, password=parsed.password, credential_provider=None
     )

@@ -69,6 +69,11 @@ def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
+def url_host(host: str) -> str:
+    """``host`` as it must appear in a URL or ``host:port``: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 class _Background:
     """Tasks a transport runs on its own (refreshes, closing retired connections), kept
     referenced until they finish and cancelled on close."""
@@ -321,7 +326,7 @@ class ClusterTransport:
         await asyncio.gather(*(mux.close() for mux in self._primaries.values()))
 
     def describe(self) -> str:
-        primaries = sorted(f"{mux.endpoint.host}:{mux.endpoint.port}" for mux in self._current_primaries())
+        primaries = sorted(f"{url_host(mux.endpoint.host)}:{mux.endpoint.port}" for mux in self._current_primaries())
         return f"Redis Cluster via {self._seed.describe()} (primaries: {', '.join(primaries) or 'none yet'})"
 
     def stats(self) -> dict[str, int]:
@@ -346,6 +351,10 @@ class SentinelUrl:
     db: int
     username: str | None
     password: str | None = dataclasses.field(repr=False)
+
+    def node_url(self, address: Address) -> str:
+        """A ``redis://`` (``rediss://``) URL of the node at ``address``, with this URL's db."""
+        return f"{'rediss' if self.tls else 'redis'}://{url_host(address[0])}:{address[1]}/{self.db}"
 
     @classmethod
     def parse(cls, url: str) -> SentinelUrl:
@@ -497,7 +506,7 @@ class SentinelTransport:
                 self._drop_primary()
                 self._mux = mux
                 self.switches += 1
-                log.warning("Redis primary %r is now %s:%d", self._master_name, *address)
+                log.warning("Redis primary %r is now %s:%d", self._master_name, url_host(address[0]), address[1])
             return mux
         if role is not None:
             errors.append(f"{address[0]}:{address[1]} is a {_text(role[0])}, not a primary")
@@ -532,8 +541,8 @@ class SentinelTransport:
         await asyncio.gather(*(mux.close() for mux in muxes))
 
     def describe(self) -> str:
-        sentinels = ",".join(f"{m.endpoint.host}:{m.endpoint.port}" for m in self._sentinels)
-        primary = f"{self._mux.endpoint.host}:{self._mux.endpoint.port}" if self._mux is not None else "none now"
+        sentinels = ",".join(f"{url_host(m.endpoint.host)}:{m.endpoint.port}" for m in self._sentinels)
+        primary = "none now" if self._mux is None else f"{url_host(self._mux.endpoint.host)}:{self._mux.endpoint.port}"
         return f"Redis Sentinel {sentinels} master {self._master_name!r} (primary: {primary})"
 
     def stats(self) -> dict[str, int]:
