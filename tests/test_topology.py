@@ -8,6 +8,7 @@ fixtures (STATEFULD_TEST_BACKEND, see conftest.py); this module tests what only 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -197,6 +198,7 @@ class FailoverRun:
     killed_at: float = 0.0
     acked: dict[str, tuple[int, float]] = field(default_factory=dict)
     errors: list[tuple[float, str]] = field(default_factory=list)
+    stats: list[dict[str, int]] = field(default_factory=list)  # the transport's, every 10 ms
 
     def window_s(self) -> float:
         """From the kill to the last failed call."""
@@ -206,9 +208,15 @@ class FailoverRun:
 async def write_through_failover(ex: Executor, kill: Callable[[], None], *, writers: int = 16,
                                  quiet_s: float = 1.0, limit_s: float = 20.0) -> FailoverRun:
     """Writers link fresh users in a loop (each call bounded as the daemon's request deadline
-    bounds it); ``kill`` runs mid-load; stops once calls have succeeded for ``quiet_s``."""
+    bounds it); ``kill`` runs mid-load; stops once calls have succeeded for ``quiet_s``. The
+    transport's counters are sampled throughout, as a Prometheus scrape would read them."""
     run = FailoverRun()
     stop = asyncio.Event()
+
+    async def sampler() -> None:
+        while not stop.is_set():
+            run.stats.append(transport_of(ex).stats())
+            await asyncio.sleep(0.01)
 
     async def writer(w: int) -> None:
         i = 0
@@ -224,6 +232,7 @@ async def write_through_failover(ex: Executor, kill: Callable[[], None], *, writ
                 await asyncio.sleep(0.01)  # a client backing off a little
 
     tasks = [asyncio.create_task(writer(w)) for w in range(writers)]
+    tasks.append(asyncio.create_task(sampler()))
     try:
         await asyncio.sleep(0.5)
         run.killed_at = time.monotonic()
@@ -247,6 +256,15 @@ async def check_acknowledged(ex: Executor, run: FailoverRun) -> list[str]:
     return [uid for uid, pod in zip(run.acked, pods, strict=True) if pod != run.acked[uid][0]]
 
 
+def assert_counters_never_went_back(run: FailoverRun) -> None:
+    """statefuld_redis_commands_total and _writes_total are these: a retired primary's counts stay."""
+    assert len(run.stats) > 100
+    for name in ("commands", "writes"):
+        values = [stats[name] for stats in run.stats]
+        drops = [(i, a, b) for i, (a, b) in enumerate(itertools.pairwise(values)) if b < a]
+        assert not drops, f"{name} went back: {drops[:3]}"
+
+
 def report(what: str, run: FailoverRun, lost: list[str]) -> None:
     kinds = sorted({kind for _, kind in run.errors})
     print(f"\n{what}: errors for {run.window_s():.2f}s after the kill ({len(run.errors)} failed calls: {kinds}); "
@@ -268,6 +286,7 @@ def test_cluster_primary_killed_under_load() -> None:
         run, lost, health = run_async(body, timeout_s=40)
     report("cluster", run, lost)
     assert run.errors and health["ready"] is True
+    assert_counters_never_went_back(run)
     assert all(run.acked[uid][1] < run.killed_at for uid in lost)
     assert len(lost) <= 16  # at most the writes in flight when the primary died (one per writer)
     assert run.window_s() < 10
@@ -287,6 +306,7 @@ def test_sentinel_primary_killed_under_load() -> None:
         run, lost, described = run_async(body, timeout_s=40)
     report("sentinel", run, lost)
     assert run.errors and f"primary: 127.0.0.1:{procs.replica.port}" in described
+    assert_counters_never_went_back(run)
     assert all(run.acked[uid][1] < run.killed_at for uid in lost)
     assert len(lost) <= 16
     assert run.window_s() < 10

@@ -101,6 +101,39 @@ class _Background:
                 await task
 
 
+class _Retired:
+    """Connections a transport stopped using (a demoted or lost primary), closed in the background.
+    Their commands and writes stay in the transport's totals: the Prometheus counters built on
+    ``stats()`` must never go backwards when a failover retires a node."""
+
+    def __init__(self, background: _Background) -> None:
+        self._background = background
+        self._closing: set[RedisMux] = set()
+        self._commands = 0
+        self._writes = 0
+
+    def retire(self, mux: RedisMux) -> None:
+        self._closing.add(mux)
+        # A done-callback, not a finally in the task: a task cancelled before it ran (the
+        # transport closing) never enters its coroutine, and the counts would be lost.
+        self._background.start(mux.close()).add_done_callback(lambda _: self._closed(mux))
+
+    def _closed(self, mux: RedisMux) -> None:
+        if mux in self._closing:
+            self._closing.discard(mux)
+            stats = mux.stats()  # final now: nothing more is sent on a closed RedisMux
+            self._commands += stats["commands"]
+            self._writes += stats["writes"]
+
+    def totals(self) -> tuple[int, int]:
+        commands, writes = self._commands, self._writes
+        for mux in self._closing:
+            stats = mux.stats()
+            commands += stats["commands"]
+            writes += stats["writes"]
+        return commands, writes
+
+
 # --- Redis Cluster -------------------------------------------------------------------------------
 
 
@@ -117,6 +150,7 @@ class ClusterTransport:
         self._refreshing: asyncio.Task[None] | None = None
         self._last_refresh = -1e9
         self._background = _Background()
+        self._retired = _Retired(self._background)
         self._periodic: asyncio.Task[None] | None = None
         self._closed = False
         self.refreshes = 0
@@ -299,7 +333,7 @@ class ClusterTransport:
                 del self._primaries[addr]
                 if mux is self._source:
                     self._source = None
-                self._background.start(mux.close())
+                self._retired.retire(mux)
         if changed:
             log.info("Redis Cluster topology: %s", self.describe())
 
@@ -330,7 +364,7 @@ class ClusterTransport:
         return f"Redis Cluster via {self._seed.describe()} (primaries: {', '.join(primaries) or 'none yet'})"
 
     def stats(self) -> dict[str, int]:
-        commands = writes = 0
+        commands, writes = self._retired.totals()
         for mux in self._primaries.values():
             stats = mux.stats()
             commands += stats["commands"]
@@ -397,6 +431,7 @@ class SentinelTransport:
         self._resolving: asyncio.Task[RedisMux] | None = None
         self._last_resolve = -1e9
         self._background = _Background()
+        self._retired = _Retired(self._background)
         self._periodic: asyncio.Task[None] | None = None
         self._closed = False
         self.switches = 0
@@ -517,7 +552,7 @@ class SentinelTransport:
     def _drop_primary(self) -> None:
         # Calls fail fast (and ask again) until a verified primary is found.
         if self._mux is not None:
-            self._background.start(self._mux.close())
+            self._retired.retire(self._mux)
             self._mux = None
 
     async def _check_periodically(self) -> None:
@@ -546,5 +581,9 @@ class SentinelTransport:
         return f"Redis Sentinel {sentinels} master {self._master_name!r} (primary: {primary})"
 
     def stats(self) -> dict[str, int]:
-        stats = self._mux.stats() if self._mux is not None else {"commands": 0, "writes": 0}
-        return {**stats, "switches": self.switches}
+        commands, writes = self._retired.totals()
+        if self._mux is not None:
+            stats = self._mux.stats()
+            commands += stats["commands"]
+            writes += stats["writes"]
+        return {"commands": commands, "writes": writes, "switches": self.switches}
