@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from support import Daemon, RedisClusterProcs, RedisSentinelProcs, RedisServer, 
 from statefuld.config import Config
 from statefuld.errors import Unavailable
 from statefuld.executor import Executor, StandaloneTransport, make_transport
+from statefuld.metrics import RedisWatch
 from statefuld.scripts import load_scripts
 from statefuld.topology import ClusterTransport, SentinelTransport, SentinelUrl
 
@@ -265,6 +267,10 @@ def assert_counters_never_went_back(run: FailoverRun) -> None:
         assert not drops, f"{name} went back: {drops[:3]}"
 
 
+def failover_events(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "redis_failover"]
+
+
 def report(what: str, run: FailoverRun, lost: list[str]) -> None:
     kinds = sorted({kind for _, kind in run.errors})
     print(f"\n{what}: errors for {run.window_s():.2f}s after the kill ({len(run.errors)} failed calls: {kinds}); "
@@ -272,20 +278,27 @@ def report(what: str, run: FailoverRun, lost: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_cluster_primary_killed_under_load() -> None:
+def test_cluster_primary_killed_under_load(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     with running(RedisClusterProcs()) as procs:
         async def body() -> Any:
             ex = await connect(procs.url)
             try:
                 victim = procs.node_serving(link("w0-1"))
+                watch = RedisWatch(ex)
                 run = await write_through_failover(ex, victim.kill)
-                return run, await check_acknowledged(ex, run), await ex.health()
+                await watch.check()  # the daemon's once-a-second look at Redis
+                return run, await check_acknowledged(ex, run), await ex.health(), victim.port
             finally:
                 await ex.close()
 
-        run, lost, health = run_async(body, timeout_s=40)
+        run, lost, health, victim_port = run_async(body, timeout_s=40)
     report("cluster", run, lost)
     assert run.errors and health["ready"] is True
+    # The failover is seen as one: one primary replaced, counted and logged as a Sentinel switch is.
+    assert run.stats[0]["switches"] == 0 and run.stats[-1]["switches"] == 1
+    assert len(failover_events(caplog)) == 1
+    assert any(f"primary 127.0.0.1:{victim_port} replaced" in r.getMessage() for r in caplog.records)
     assert_counters_never_went_back(run)
     assert all(run.acked[uid][1] < run.killed_at for uid in lost)
     assert len(lost) <= 16  # at most the writes in flight when the primary died (one per writer)
@@ -293,12 +306,15 @@ def test_cluster_primary_killed_under_load() -> None:
 
 
 @pytest.mark.slow
-def test_sentinel_primary_killed_under_load() -> None:
+def test_sentinel_primary_killed_under_load(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     with running(RedisSentinelProcs()) as procs:
         async def body() -> Any:
             ex = await connect(procs.url)
             try:
+                watch = RedisWatch(ex)
                 run = await write_through_failover(ex, procs.primary.kill)
+                await watch.check()
                 return run, await check_acknowledged(ex, run), transport_of(ex).describe()
             finally:
                 await ex.close()
@@ -306,6 +322,7 @@ def test_sentinel_primary_killed_under_load() -> None:
         run, lost, described = run_async(body, timeout_s=40)
     report("sentinel", run, lost)
     assert run.errors and f"primary: 127.0.0.1:{procs.replica.port}" in described
+    assert run.stats[-1]["switches"] - run.stats[0]["switches"] == 1 and len(failover_events(caplog)) == 1
     assert_counters_never_went_back(run)
     assert all(run.acked[uid][1] < run.killed_at for uid in lost)
     assert len(lost) <= 16

@@ -119,8 +119,9 @@ def quantile_ms(buckets: list[int], q: float, bounds_s: tuple[float, ...] | list
 
 class RedisWatch:
     """Asks Redis every REDIS_CHECK_INTERVAL_S (``Executor.health``: a PING, bounded) and keeps
-    ``up`` for the gauge. Logs each transition once (lost, recovered), never per request; with
-    Sentinel, also each switch to another primary. Its PING also makes a lost connection be
+    ``up`` for the gauge. Logs each transition once (lost, recovered), never per request; also
+    each failover the transport followed (its ``switches``: a Sentinel switch to another primary,
+    Redis Cluster slots taken over by another primary). Its PING also makes a lost connection be
     re-established while no request arrives."""
 
     def __init__(self, executor: Executor, interval_s: float = REDIS_CHECK_INTERVAL_S) -> None:
@@ -272,8 +273,9 @@ def families(snap: dict[str, Any]) -> list[Any]:
     counter("statefuld_redis_commands", "Commands sent to Redis.", redis["commands"])
     counter("statefuld_redis_writes", "Socket writes to Redis (round trips); commands / writes is the mean batch.",
             redis["writes"])
-    counter("statefuld_redis_primary_switches", "Times the daemon moved to another primary (Sentinel failover).",
-            redis["primary_switches"])
+    counter("statefuld_redis_primary_switches",
+            "Times the daemon moved to another primary: a Sentinel failover, or a Redis Cluster primary's slots "
+            "served by another (failover, resharding).", redis["primary_switches"])
     counter("statefuld_script_reloads", "Lua scripts loaded again after NOSCRIPT (Redis restart, flush, failover).",
             redis["script_reloads"])
     for name, doc, key in _COUNTERS:

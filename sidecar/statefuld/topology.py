@@ -144,6 +144,9 @@ class ClusterTransport:
         self._seed = seed
         self._refresh_interval_s = refresh_interval_s
         self._slots: list[RedisMux | None] = [None] * SLOTS
+        # Each slot's owner as the slot table said last (MOVED does not change it): comparing the
+        # next table with it tells which primary took over from which.
+        self._owners: list[Address | None] = [None] * SLOTS
         self._primaries: dict[Address, RedisMux] = {}
         self._replicas: list[Address] = []
         self._source: RedisMux | None = None  # where the slot table was read last
@@ -155,6 +158,7 @@ class ClusterTransport:
         self._closed = False
         self.refreshes = 0
         self.redirects = 0
+        self.switches = 0
 
     # --- routing -----------------------------------------------------------------------------
 
@@ -317,11 +321,18 @@ class ClusterTransport:
 
         slots: list[RedisMux | None] = [None] * SLOTS
         replicas: list[Address] = []
+        owners = self._owners
+        # (previous owner, new owner) of slots that changed hands: a failover or a resharding. A
+        # slot no entry covers keeps its last owner, so a gap in the table is not a switch.
+        switches: set[tuple[Address, Address]] = set()
         for entry in reply:
             start, end, owner, *others = entry
-            mux = self._primary(address(owner))
-            for slot in range(int(start), int(end) + 1):
-                slots[slot] = mux
+            first, stop = int(start), int(end) + 1
+            owner_address = address(owner)
+            switches.update((old, owner_address) for old in set(owners[first:stop]) - {None, owner_address}
+                            if old is not None)
+            owners[first:stop] = [owner_address] * (stop - first)
+            slots[first:stop] = [self._primary(owner_address)] * (stop - first)
             replicas.extend(address(node) for node in others)
         changed = any(new is not old for new, old in zip(slots, self._slots, strict=True))
         self._slots = slots
@@ -334,6 +345,11 @@ class ClusterTransport:
                 if mux is self._source:
                     self._source = None
                 self._retired.retire(mux)
+        for old, new in sorted(switches):
+            # Counted like a Sentinel switch: RedisWatch logs the redis_failover event for it.
+            self.switches += 1
+            log.warning("Redis Cluster primary %s:%d replaced: its slots are served by %s:%d now",
+                        url_host(old[0]), old[1], url_host(new[0]), new[1])
         if changed:
             log.info("Redis Cluster topology: %s", self.describe())
 
@@ -369,7 +385,8 @@ class ClusterTransport:
             stats = mux.stats()
             commands += stats["commands"]
             writes += stats["writes"]
-        return {"commands": commands, "writes": writes, "redirects": self.redirects, "refreshes": self.refreshes}
+        return {"commands": commands, "writes": writes, "redirects": self.redirects, "refreshes": self.refreshes,
+                "switches": self.switches}
 
 
 # --- Sentinel --------------------------------------------------------------------------------------
