@@ -14,9 +14,10 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import Daemon, RedisServer, free_port, running, wait_for
+from support import Daemon, RedisServer, free_port, rpc_call, running, wait_for
 
 from statefuld.metrics import BOUNDS_S, parse_addr, quantile_ms
 from statefuld.rpc import METHODS
@@ -268,3 +269,139 @@ def test_parse_addr_and_quantiles() -> None:
     slow = list(empty)
     slow[-1] = 1
     assert quantile_ms(slow, 0.99) == BOUNDS_S[-1] * 1000
+
+
+# --- the failure counters, provoked ----------------------------------------------------------------
+
+NOBODY = 65534
+# The samples a scenario's expected increments are checked on: one not expected to move must not.
+WATCHED: tuple[tuple[str, dict[str, str]], ...] = (
+    ("statefuld_requests_shed_total", {}),
+    ("statefuld_deadline_expired_total", {}),
+    ("statefuld_notifications_total", {}),
+    ("statefuld_notifications_failed_total", {}),
+    ("statefuld_script_reloads_total", {}),
+    ("statefuld_connections_refused_total", {}),
+    ("statefuld_internal_errors_total", {}),
+    ("statefuld_connections_closed_malformed_total", {}),
+    ("statefuld_requests_total", {"method": "get_linked_pod", "code": "OVERLOADED"}),
+    ("statefuld_requests_total", {"method": "get_linked_pod", "code": "TIMEOUT"}),
+    ("statefuld_requests_total", {"method": "set_linked_pod", "code": "INVALID_ARGUMENT"}),
+    ("statefuld_requests_total", {"method": "set_linked_pod", "code": "OK"}),
+)
+
+
+def increments(before: Samples, after: Samples) -> dict[str, float]:
+    """The WATCHED samples that changed, as ``name{label=value,...}`` -> increment."""
+    changed = {}
+    for name, labels in WATCHED:
+        key = (name, tuple(sorted(labels.items())))
+        delta = after.get(key, 0.0) - before.get(key, 0.0)
+        if delta:
+            label_text = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+            changed[f"{name}{{{label_text}}}" if labels else name] = delta
+    return changed
+
+
+def pipelined(socket_path: str, messages: list[list[Any]], timeout_s: float = 5.0) -> dict[int, Any]:
+    """Send ``messages`` in one write; the error (or None) of each request, by msgid."""
+    wanted = {m[1] for m in messages if m[0] == 0}
+    errors: dict[int, Any] = {}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout_s)
+        s.connect(socket_path)
+        s.sendall(b"".join(msgpack.packb(m) for m in messages))
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        while set(errors) != wanted:
+            data = s.recv(65536)
+            assert data, "the daemon closed the connection"
+            unpacker.feed(data)
+            for _, msgid, error, _result in unpacker:
+                errors[msgid] = error
+    return errors
+
+
+def test_shed_timeouts_failed_notifications_and_script_reloads_are_counted() -> None:
+    port = free_port()
+    args = ["--metrics-addr", f"127.0.0.1:{port}", "--max-in-flight", "2", "--request-timeout-ms", "300"]
+    with running(RedisServer()) as redis_server, running(Daemon(redis_server.url, args=args)) as daemon:
+        before = samples(scrape(port))
+
+        # Redis stopped: the first two calls take the whole --max-in-flight budget and wait for
+        # Redis until their deadline (TIMEOUT); the other eight, read meanwhile, are shed.
+        redis_server.pause()
+        try:
+            burst = [[0, i, "get_linked_pod", ["game", f"user-{i}", "lobby"]] for i in range(10)]
+            codes = [error and error["code"] for _, error in sorted(pipelined(daemon.socket_path, burst).items())]
+        finally:
+            redis_server.resume()
+        assert codes == ["TIMEOUT"] * 2 + ["OVERLOADED"] * 8
+
+        # A failing notification has no reply: only the counter (and the log) show it. The ping after
+        # it on the same connection is answered only once the notification was handled.
+        bad = [[2, "set_linked_pod", ["game", "a{b", "lobby", 1, -1]], [0, 1, "ping", []]]
+        assert pipelined(daemon.socket_path, bad) == {1: None}
+
+        # The scripts flushed behind the daemon's back: the next script call loads its script again.
+        redis_server.client().script_flush()
+        assert rpc_call(daemon.socket_path, "set_linked_pod", ["game", "alice", "lobby", 3, -1]) == (None, None)
+
+        after = samples(scrape(port))
+    assert increments(before, after) == {
+        "statefuld_requests_shed_total": 8,
+        "statefuld_deadline_expired_total": 2,
+        "statefuld_notifications_total": 1,
+        "statefuld_notifications_failed_total": 1,
+        "statefuld_script_reloads_total": 1,
+        "statefuld_requests_total{code=OVERLOADED,method=get_linked_pod}": 8,
+        "statefuld_requests_total{code=TIMEOUT,method=get_linked_pod}": 2,
+        "statefuld_requests_total{code=INVALID_ARGUMENT,method=set_linked_pod}": 1,
+        "statefuld_requests_total{code=OK,method=set_linked_pod}": 1,
+    }
+
+
+def connect_as(uid: int, gid: int, socket_path: str) -> str:
+    """Connect as uid:gid (a forked child drops root) and send a ping: "closed" if the daemon cut
+    the connection, else what came back."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nothing but system calls, then _exit
+        outcome = b"?"
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(5)
+                s.connect(socket_path)
+                s.sendall(msgpack.packb([0, 1, "ping", []]))
+                outcome = s.recv(4096) or b"closed"
+        except (BrokenPipeError, ConnectionResetError):
+            outcome = b"closed"
+        except BaseException as exc:
+            outcome = repr(exc).encode()
+        finally:
+            os.write(write_end, outcome)
+            os._exit(0)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as reader:
+            outcome = reader.read()
+    finally:
+        os.waitpid(pid, 0)
+    return outcome.decode("utf-8", "replace")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_refused_peers_are_counted(redis_server: RedisServer) -> None:
+    port = free_port()
+    args = ["--metrics-addr", f"127.0.0.1:{port}", "--allow-uid", str(NOBODY), "--socket-mode", "0666"]
+    with running(Daemon(redis_server.url, args=args)) as daemon:
+        os.chmod(daemon.dir, 0o711)  # others may reach the socket: only the allow list stops them
+        before = samples(scrape(port))
+        assert connect_as(1, 1, daemon.socket_path) == "closed"
+        assert "connection refused: peer uid=1 gid=1" in daemon.log()
+        after = samples(scrape(port))
+    assert increments(before, after) == {"statefuld_connections_refused_total": 1}
+    accepted = "statefuld_connections_accepted_total"
+    assert value(after, accepted) - value(before, accepted) == 1
