@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,37 @@ def running(proc: Any) -> Iterator[Any]:
 # --- Redis Cluster and Sentinel (STATEFULD_TEST_BACKEND, tests/test_topology.py) ------------------
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """Certificates (PEM paths) for TLS-only Redis nodes and sentinels: each node presents
+    ``cert`` and verifies its peers (replication, cluster bus, sentinels) with ``ca``."""
+
+    ca: str
+    cert: str
+    key: str
+
+    def config(self) -> list[tuple[str, str]]:
+        return [("tls-cert-file", self.cert), ("tls-key-file", self.key), ("tls-ca-cert-file", self.ca),
+                ("tls-auth-clients", "no"), ("tls-replication", "yes")]
+
+    def node_args(self, port: int) -> list[str]:
+        """redis-server arguments: TLS on ``port``, no plain TCP port at all."""
+        args = ["--port", "0", "--tls-port", str(port)]
+        for name, value in self.config():
+            args += [f"--{name}", value]
+        return args
+
+    def conf_lines(self, port: int) -> str:
+        """The same for a sentinel's configuration file."""
+        return f"port 0\ntls-port {port}\n" + "".join(f"{name} {value}\n" for name, value in self.config())
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return {"ssl": True, "ssl_ca_certs": self.ca}
+
+    def cli_args(self) -> list[str]:
+        return ["--tls", "--cacert", self.ca]
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -292,30 +324,35 @@ class RedisClusterProcs:
     """A real Redis Cluster on loopback: ``primaries`` primaries with one replica each, built by
     ``redis-cli --cluster create``; a small node timeout so that failovers take seconds."""
 
-    def __init__(self, *, primaries: int = 3, node_timeout_ms: int = 1000, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, *, primaries: int = 3, node_timeout_ms: int = 1000, extra_args: Sequence[str] = (),
+                 tls: TlsFiles | None = None) -> None:
         self.node_timeout_ms = node_timeout_ms
+        # With ``tls``: every node on a TLS port only, the cluster bus and replication over TLS too.
+        self.tls = tls
+        ports = [free_port() for _ in range(primaries * 2)]
         self.nodes = [
-            RedisServer(port=free_port(), extra_args=[
+            RedisServer(port=port, extra_args=[
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(node_timeout_ms),
                 "--cluster-port", str(free_port()),
+                *([*tls.node_args(port), "--tls-cluster", "yes"] if tls is not None else []),
                 *extra_args,
             ])
-            for _ in range(primaries * 2)
+            for port in ports
         ]
 
     @property
     def url(self) -> str:
-        return self.nodes[0].tcp_url
+        return self.nodes[0].tcp_url.replace("redis://", "rediss://") if self.tls else self.nodes[0].tcp_url
 
     def start(self) -> RedisClusterProcs:
         try:
             for node in self.nodes:
                 node.start()
             subprocess.run(
-                ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
-                 "--cluster-replicas", "1", "--cluster-yes"],
+                ["redis-cli", *(self.tls.cli_args() if self.tls else []), "--cluster", "create",
+                 *[f"127.0.0.1:{n.port}" for n in self.nodes], "--cluster-replicas", "1", "--cluster-yes"],
                 check=True, capture_output=True, timeout=30,
             )
             wait_for(self._healthy, timeout_s=20, what="the cluster to be ok with every replica in sync")
@@ -354,7 +391,8 @@ class RedisClusterProcs:
     def client(self) -> ClusterInspector:
         alive = self.alive()[0]
         assert alive.port is not None
-        return ClusterInspector(host="127.0.0.1", port=alive.port, decode_responses=True, socket_timeout=5)
+        return ClusterInspector(host="127.0.0.1", port=alive.port, decode_responses=True, socket_timeout=5,
+                                **(self.tls.client_kwargs() if self.tls else {}))
 
     def cleanup(self) -> None:
         for node in self.nodes:
@@ -364,14 +402,16 @@ class RedisClusterProcs:
 class RedisSentinelProcs:
     """A primary, a replica and three sentinels (quorum 2) on loopback, with small timeouts so
     that a failover takes seconds. ``host``: the loopback address every node and sentinel is
-    known by (e.g. ``::1``)."""
+    known by (e.g. ``::1``); ``tls``: all of them on TLS ports only."""
 
     def __init__(self, *, master_name: str = "mymaster", down_after_ms: int = 1000,
-                 failover_timeout_ms: int = 2000, acl: Sequence[str] = (), host: str = "127.0.0.1") -> None:
+                 failover_timeout_ms: int = 2000, acl: Sequence[str] = (), host: str = "127.0.0.1",
+                 tls: TlsFiles | None = None) -> None:
         self.master_name = master_name
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         self.host = host
+        self.tls = tls
         self.primary, self.replica = (self._node(free_port(), acl) for _ in range(2))
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinel_procs: list[subprocess.Popen[bytes]] = []
@@ -381,12 +421,14 @@ class RedisSentinelProcs:
         args = list(acl)
         if self.host != "127.0.0.1":
             args += ["--bind", "127.0.0.1", self.host]
+        if self.tls is not None:
+            args += self.tls.node_args(port)
         return RedisServer(port=port, extra_args=args)
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"{_url_host(self.host)}:{port}" for port in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{self.master_name}"
+        return f"{'rediss' if self.tls else 'redis'}+sentinel://{hosts}/{self.master_name}"
 
     def start(self) -> RedisSentinelProcs:
         try:
@@ -398,9 +440,10 @@ class RedisSentinelProcs:
                      what="the replica to sync")
             for i, port in enumerate(self.sentinel_ports):
                 conf = os.path.join(self.dir, f"sentinel-{i}.conf")
+                listen = self.tls.conf_lines(port) if self.tls is not None else f"port {port}\n"
                 bind = "127.0.0.1" if self.host == "127.0.0.1" else f"127.0.0.1 {self.host}"
                 Path(conf).write_text(
-                    f"port {port}\nbind {bind}\ndir {self.dir}\n"
+                    f"{listen}bind {bind}\ndir {self.dir}\n"
                     f"logfile {os.path.join(self.dir, f'sentinel-{i}.log')}\n"
                     f"sentinel monitor {self.master_name} {self.host} {self.primary.port} 2\n"
                     f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
@@ -416,7 +459,8 @@ class RedisSentinelProcs:
         return self
 
     def sentinel(self, i: int = 0) -> redis.Redis:
-        return redis.Redis(host=self.host, port=self.sentinel_ports[i], decode_responses=True, socket_timeout=2)
+        return redis.Redis(host=self.host, port=self.sentinel_ports[i], decode_responses=True, socket_timeout=2,
+                           **(self.tls.client_kwargs() if self.tls else {}))
 
     def _settled(self) -> bool:
         for i in range(len(self.sentinel_ports)):
