@@ -262,6 +262,25 @@ def test_a_connection_past_its_own_limit_waits_and_leaves_the_budget_to_others(o
             c.close()
 
 
+def test_requests_held_back_from_a_peer_that_left_are_never_run(own_redis: RedisServer) -> None:
+    args = ["--max-in-flight-per-connection", "4", "--request-timeout-ms", "10000"]
+    with running(Daemon(own_redis.url, args=args)) as daemon:
+        hog = RawConnection(daemon.socket_path)
+        own_redis.pause()
+        try:
+            hog.send(*[[0, i, "set_linked_pod", [NS, f"gone{i}", SVC, 1, -1]] for i in range(60)])
+            time.sleep(0.2)
+            hog.close()  # 4 taken (sent to the paused Redis), 56 still held back
+            time.sleep(0.2)
+        finally:
+            own_redis.resume()
+        client = own_redis.client()
+        wait_for(lambda: len(client.keys(f"sf:{{{NS}:lk:gone*}}{SVC}")) >= 4, timeout_s=5, what="the 4 taken calls")
+        time.sleep(0.3)  # what would follow them, were the held ones run
+        assert len(client.keys(f"sf:{{{NS}:lk:gone*}}{SVC}")) == 4
+        assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
+
+
 # --- connections closed for protocol violations ------------------------------------------------
 
 MALFORMED = {

@@ -290,6 +290,10 @@ class RpcProtocol(asyncio.Protocol):
                       extra={"event": "connection_closed"})
         self._transport = None
         self._out.clear()
+        # Requests held back at the per-connection bound were never taken: with nobody left to
+        # answer, they are dropped, not run.
+        self._unpacker = None
+        self._backlog = None
         if self.closed is not None and not self.closed.done():
             self.closed.set_result(None)
 
@@ -378,12 +382,17 @@ class RpcProtocol(asyncio.Protocol):
         self._resume_scheduled = False
         if not self._holding or self._closing or self._unpacker is None or self._state.draining:
             return
+        transport = self._transport
+        # A paused transport does not see its peer leave; a reply that could not be written
+        # (EPIPE) has closed it, and nobody would read the answers to what is held.
+        if transport is None or transport.is_closing():
+            return
         self._holding = False
         backlog, self._backlog = self._backlog, None
         self._read_at = perf_counter()
         self._take(b"" if backlog is None else backlog)
-        if not self._holding and not self._closing and not self._write_paused and self._transport is not None:
-            self._transport.resume_reading()
+        if not self._holding and not self._closing and not self._write_paused:
+            transport.resume_reading()
 
     def _drain_unpacker(self, unpacker: Any, deadline: float) -> bool:
         """Start the messages the unpacker holds; False if it stopped at ``max_pending``."""
