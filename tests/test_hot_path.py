@@ -6,6 +6,7 @@ NOSCRIPT recovered, notifications executed.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -120,3 +121,27 @@ def test_hot_path_notification_is_executed(daemon: Daemon, redis_db: redis.Redis
         assert _nothing_more(c, 0.3)  # nothing for the notifications, the invalid one included
     finally:
         c.close()
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_busy_polling_answers_correctly_and_never_spins_while_idle(own_redis: RedisServer) -> None:
+    # --busy-poll-us trades CPU for a lone caller's latency; it must cost nothing when no call
+    # is waiting for Redis, or an idle sidecar would burn its pod's CPU.
+    own_redis.client().mset({link_key(f"u{i}"): i for i in range(50)})
+    with running(Daemon(own_redis.url, args=["--busy-poll-us", "1000"])) as daemon:
+        assert daemon.proc is not None
+        conn = RawConnection(daemon.socket_path)
+        for n in range(2000):
+            i = n % 50
+            assert conn.call(n, "get_linked_pod", [NS, f"u{i}", SVC]) == (None, i)
+        assert conn.call(9999, "set_linked_pod", [NS, "u1", SVC, 7, -1]) == (None, 1)
+        conn.close()
+        time.sleep(0.2)
+        before = _cpu_s(daemon.proc.pid)
+        time.sleep(1.0)
+        assert _cpu_s(daemon.proc.pid) - before < 0.05  # ticks of 10 ms: a spinning loop shows 1 s

@@ -36,10 +36,11 @@ def _click_type(annotation: Any, settings: dict[str, Any]) -> Any:
     if isinstance(kind, tuple):
         return click.Choice(kind, case_sensitive=False)
     base = next((a for a in typing.get_args(annotation) if a is not type(None) and a is not Ellipsis), annotation)
+    bounded = "min" in settings or "max" in settings
     if base is int:
-        return click.IntRange(min=settings["min"]) if "min" in settings else click.INT
+        return click.IntRange(min=settings.get("min"), max=settings.get("max")) if bounded else click.INT
     if base is float:
-        return click.FloatRange(min=settings["min"]) if "min" in settings else click.FLOAT
+        return click.FloatRange(min=settings.get("min"), max=settings.get("max")) if bounded else click.FLOAT
     return click.STRING
 
 

@@ -72,6 +72,10 @@ class Config:
     max_in_flight_per_connection: int = _option(
         1024, "Requests in progress on one connection before the daemon stops reading it (it waits, no error).", min=1
     )
+    busy_poll_us: int = _option(
+        0, "After sending to Redis with few calls waiting, poll for the reply this long instead of sleeping "
+        "(lower latency for lone callers, paid in CPU; 0: off).", min=0, max=1000
+    )
     drain_timeout_s: float = _option(10.0, "On SIGTERM, how long requests in flight may finish.", min=0.0)
     log_level: str = _option("info", "Log level.", type=LOG_LEVELS)
     log_format: str = _option("text", "Log line format.", type=LOG_FORMATS)

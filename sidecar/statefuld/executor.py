@@ -153,11 +153,17 @@ def _redis_kwargs(config: Config, tls: bool) -> dict[str, Any]:
     return kwargs
 
 
+def _endpoint(url: str, config: Config, tls: bool) -> Endpoint:
+    """``url`` as redis-py parses it, with the daemon's credentials, TLS files and busy polling."""
+    endpoint = Endpoint.from_url(url, **_redis_kwargs(config, tls))
+    return dataclasses.replace(endpoint, busy_poll_s=config.busy_poll_us / 1_000_000)
+
+
 def _sentinel_transport(url: str, config: Config) -> SentinelTransport:
     parsed = SentinelUrl.parse(url)
     # The primary: --redis-username and STATEFULD_REDIS_PASSWORD, as for any Redis. The
     # sentinels: the credentials in the URL (sentinels often have their own password, or none).
-    primary = Endpoint.from_url(parsed.node_url(parsed.sentinels[0]), **_redis_kwargs(config, parsed.tls))
+    primary = _endpoint(parsed.node_url(parsed.sentinels[0]), config, parsed.tls)
     sentinel = dataclasses.replace(
         primary, db=0, username=parsed.username, password=parsed.password, credential_provider=None
     )
@@ -179,7 +185,7 @@ def make_transport(config: Config, mode: str | None = None) -> Transport:
         return _sentinel_transport(url, config)
     if mode == "sentinel":
         raise ValueError("redis_mode sentinel needs a redis+sentinel://host:port[,host:port...]/MASTER_NAME URL")
-    endpoint = Endpoint.from_url(url, **_redis_kwargs(config, url.startswith("rediss://")))
+    endpoint = _endpoint(url, config, url.startswith("rediss://"))
     if mode == "cluster":
         return ClusterTransport(endpoint)
     return StandaloneTransport(endpoint)
@@ -192,7 +198,7 @@ async def detect_mode(config: Config) -> str:
         return config.redis_mode
     if is_sentinel_url(url):
         return "sentinel"
-    endpoint = Endpoint.from_url(url, **_redis_kwargs(config, url.startswith("rediss://")))
+    endpoint = _endpoint(url, config, url.startswith("rediss://"))
     return "cluster" if await detect_cluster(endpoint) else "standalone"
 
 
