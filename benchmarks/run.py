@@ -9,7 +9,8 @@ alike), the median over --runs rounds of:
 - get_linked_pod / set_linked_pod, P processes x 32 callers: statefuld (AsyncClient) against
   direct redis-py asyncio sending the very same commands to Redis (the executor's);
 - the same at P x 128 callers against redis-benchmark's own unpipelined 50-client EVALSHA;
-- one blocking caller: statefuld's Client against redis-py's blocking client, p50 and p99;
+- one blocking caller: statefuld's Client against redis-py's blocking client, p50 and p99, with
+  the daemon as configured and with a second daemon started with --busy-poll-us (default 50);
 - a mixed workload: 89% get_linked_pod, 10% set_linked_pod, 1% batch_get_linked_pod of 100 uids;
 - the daemon's RSS idle and its peak under load, and its time from start to answering
   `health` as ready with an external Redis.
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,9 +112,25 @@ def redis_benchmark(socket_path: str, command: list[str], clients: int, requests
     return float(re.findall(r'"([^"]*)"', last)[1])
 
 
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def daemon_cpu(daemon: Daemon, measure: Callable[[], Sample], collected: Collected, name: str) -> Sample:
+    """Run ``measure`` and note the daemon's CPU per call (warm-up included: an upper bound)."""
+    assert daemon.proc is not None
+    before = cpu_s(daemon.proc.pid)
+    sample = measure()
+    collected.daemon_cpu_us.setdefault(name, []).append((cpu_s(daemon.proc.pid) - before) / sample.calls * 1e6)
+    return sample
+
+
 @dataclass
 class Collected:
     samples: dict[str, list[Sample]] = field(default_factory=dict)
+    daemon_cpu_us: dict[str, list[float]] = field(default_factory=dict)
     benchmark_ops: list[float] = field(default_factory=list)
     load_rss_mb: float = 0.0
 
@@ -158,11 +176,14 @@ def main() -> int:
     parser.add_argument("--callers-high", type=int, default=128)
     parser.add_argument("--benchmark-requests", type=int, default=300_000)
     parser.add_argument("--daemon-arg", action="append", default=[], help="extra `statefuld serve` argument")
+    parser.add_argument("--busy-poll-us", type=int, default=50,
+                        help="the second daemon's --busy-poll-us, for the blocking rows (0: no such rows)")
     parser.add_argument("--markdown", help="also write the table to this file (between the RESULTS markers)")
     args = parser.parse_args()
 
     redis_server = RedisServer(dir=short_tmpdir("sfb-")).start()
     daemon: Daemon | None = None
+    polling: Daemon | None = None
     try:
         print("time to ready ...", flush=True)
         ready_s, idle_fresh_mb = time_to_ready(redis_server.url, args.runs)
@@ -172,6 +193,11 @@ def main() -> int:
         time.sleep(0.5)
         idle_mb = rss_mb(daemon.proc.pid)
         loads = workloads(redis_server.socket_path, daemon.socket_path)
+        polled = None
+        if args.busy_poll_us:
+            polling = Daemon(redis_server.url,
+                             args=[*args.daemon_arg, "--busy-poll-us", str(args.busy_poll_us)]).start()
+            polled = workloads(redis_server.socket_path, polling.socket_path)
         collected = Collected()
         P, C, CH = args.processes, args.callers, args.callers_high
         bench_command = loads["set_linked_pod"].benchmark_command
@@ -193,17 +219,25 @@ def main() -> int:
             collected.benchmark_ops.append(ops)
             print(f"  redis-benchmark 50 clients: {ops:,.0f} ops/s", flush=True)
             for op in ("get_linked_pod", "set_linked_pod"):
-                collected.add(f"{op} statefuld blocking 1", run_sync(loads[op].statefuld_sync, args.warmup_s,
-                                                                     args.duration_s))
+                collected.add(f"{op} statefuld blocking 1", daemon_cpu(
+                    daemon, lambda op=op: run_sync(loads[op].statefuld_sync, args.warmup_s, args.duration_s),
+                    collected, f"{op} statefuld blocking 1"))
                 collected.add(f"{op} direct blocking 1", run_sync(loads[op].direct_sync, args.warmup_s,
                                                                   args.duration_s))
+                if polled is not None:
+                    name = f"{op} statefuld blocking 1, --busy-poll-us {args.busy_poll_us}"
+                    assert polling is not None
+                    collected.add(name, daemon_cpu(
+                        polling, lambda op=op: run_sync(polled[op].statefuld_sync, args.warmup_s, args.duration_s),
+                        collected, name))
         text = report(collected, args, ready_s, idle_mb, idle_fresh_mb, bench_command)
         print(text)
         if args.markdown:
             write_markdown(args.markdown, text)
     finally:
-        if daemon is not None:
-            daemon.cleanup()
+        for started in (daemon, polling):
+            if started is not None:
+                started.cleanup()
         redis_server.cleanup()
     return 0
 
@@ -247,6 +281,9 @@ def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: floa
     for op in ("get_linked_pod", "set_linked_pod"):
         line(f"{op} statefuld blocking 1", f"{op} direct blocking 1", "redis-py blocking, 1 caller", "<= 1.2x p50",
              latency=True, goal=1.2)
+        if args.busy_poll_us:
+            line(f"{op} statefuld blocking 1, --busy-poll-us {args.busy_poll_us}", f"{op} direct blocking 1",
+                 "redis-py blocking, 1 caller", "<= 1.2x p50", latency=True, goal=1.2)
     line(f"mixed statefuld {P}x{C}", f"mixed direct {P}x{C}", f"direct redis-py asyncio {P}x{C}", "reported")
     line(f"compute_linked_pod statefuld {P}x{C}", f"compute_linked_pod direct {P}x{C}",
          f"the same 3 steps with redis-py asyncio {P}x{C}", "reported (new users)")
@@ -263,6 +300,9 @@ def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: floa
         "- per-round ratios, to show the spread: " + "; ".join(spreads),
         "- CPU of the load processes per call (µs, median over rounds): "
         + ", ".join(f"{name} {us:.1f}" for name, us in cpu.items()),
+        "- CPU of the daemon per call in the blocking rows (µs, median over rounds; the warm-up's calls are "
+        "not counted, so this is an upper bound): "
+        + ", ".join(f"{name} {statistics.median(us):.1f}" for name, us in c.daemon_cpu_us.items()),
         f"- redis-benchmark command: `redis-benchmark -s SOCK -c 50 -n {args.benchmark_requests} -r 10000 -P 1 "
         f"{' '.join(bench_command)}` (median {bench:,.0f} ops/s)",
         f"- medians of {args.runs} rounds; each row {args.duration_s}s measured after {args.warmup_s}s warm-up",
