@@ -360,10 +360,8 @@ class Executor:
         # logged (it may be user data), and only once, so a migration cannot flood the log.
         if raw is None:
             return None
-        if raw.isdigit():
-            pod = int(raw)
-            if pod <= MAX_POD_ID:
-                return pod
+        if _is_pod_id(raw):
+            return int(raw)
         if not self._warned_unreadable_previous:
             self._warned_unreadable_previous = True
             log.warning(
