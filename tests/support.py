@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import redis
 import redis.cluster
 
@@ -498,3 +499,43 @@ class RedisSentinelProcs:
         self.replica.cleanup()
         self.primary.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- another user at the daemon's socket (root only) -----------------------------------------------
+
+NOBODY = 65534
+
+as_root = pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
+                             reason="needs root and a system python3 to connect as another user")
+
+# Run by the system Python as another user (no msgpack there): connect, send hex bytes, print
+# the reply's hex, "closed" or the errno name.
+_CONNECT_AS = """
+import errno, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+try:
+    s.connect(sys.argv[1])
+    s.sendall(bytes.fromhex(sys.argv[2]))
+    print(s.recv(4096).hex() or "closed")
+except (BrokenPipeError, ConnectionResetError):
+    print("closed")
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+"""
+
+
+def call_as(uid: int, gid: int, socket_path: str, message: list[object]) -> object:
+    """Send one message as uid:gid; the reply's result, "closed", or an errno name such as EACCES."""
+    done = subprocess.run(["/usr/bin/python3", "-c", _CONNECT_AS, socket_path, msgpack.packb(message).hex()],
+                          user=uid, group=gid, extra_groups=[], capture_output=True, text=True, timeout=10)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.strip()
+    if out == "closed" or out.startswith("E"):
+        return out
+    return msgpack.unpackb(bytes.fromhex(out))[3]
+
+
+def reachable_by_others(daemon: Daemon) -> Daemon:
+    os.chmod(daemon.dir, 0o711)  # others may traverse to the socket; its mode and the allow lists decide
+    return daemon

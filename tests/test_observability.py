@@ -17,7 +17,18 @@ from typing import Any
 import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import Daemon, RedisServer, free_port, rpc_call, running, wait_for
+from support import (
+    NOBODY,
+    Daemon,
+    RedisServer,
+    as_root,
+    call_as,
+    free_port,
+    reachable_by_others,
+    rpc_call,
+    running,
+    wait_for,
+)
 
 from statefuld.metrics import BOUNDS_S, parse_addr, quantile_ms
 from statefuld.rpc import METHODS
@@ -273,7 +284,6 @@ def test_parse_addr_and_quantiles() -> None:
 
 # --- the failure counters, provoked ----------------------------------------------------------------
 
-NOBODY = 65534
 # The samples a scenario's expected increments are checked on: one not expected to move must not.
 WATCHED: tuple[tuple[str, dict[str, str]], ...] = (
     ("statefuld_requests_shed_total", {}),
@@ -360,46 +370,14 @@ def test_shed_timeouts_failed_notifications_and_script_reloads_are_counted() -> 
     }
 
 
-def connect_as(uid: int, gid: int, socket_path: str) -> str:
-    """Connect as uid:gid (a forked child drops root) and send a ping: "closed" if the daemon cut
-    the connection, else what came back."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: nothing but system calls, then _exit
-        outcome = b"?"
-        try:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(5)
-                s.connect(socket_path)
-                s.sendall(msgpack.packb([0, 1, "ping", []]))
-                outcome = s.recv(4096) or b"closed"
-        except (BrokenPipeError, ConnectionResetError):
-            outcome = b"closed"
-        except BaseException as exc:
-            outcome = repr(exc).encode()
-        finally:
-            os.write(write_end, outcome)
-            os._exit(0)
-    os.close(write_end)
-    try:
-        with os.fdopen(read_end, "rb") as reader:
-            outcome = reader.read()
-    finally:
-        os.waitpid(pid, 0)
-    return outcome.decode("utf-8", "replace")
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+@as_root
 def test_refused_peers_are_counted(redis_server: RedisServer) -> None:
     port = free_port()
     args = ["--metrics-addr", f"127.0.0.1:{port}", "--allow-uid", str(NOBODY), "--socket-mode", "0666"]
     with running(Daemon(redis_server.url, args=args)) as daemon:
-        os.chmod(daemon.dir, 0o711)  # others may reach the socket: only the allow list stops them
+        reachable_by_others(daemon)  # only the allow list stops others
         before = samples(scrape(port))
-        assert connect_as(1, 1, daemon.socket_path) == "closed"
+        assert call_as(1, 1, daemon.socket_path, [0, 1, "ping", []]) == "closed"
         assert "connection refused: peer uid=1 gid=1" in daemon.log()
         after = samples(scrape(port))
     assert increments(before, after) == {"statefuld_connections_refused_total": 1}

@@ -22,42 +22,11 @@ from pathlib import Path
 import msgpack
 import pytest
 import redis
-from support import Daemon, RedisServer, rpc_call, running, short_tmpdir
+from support import NOBODY, Daemon, RedisServer, as_root, call_as, reachable_by_others, rpc_call, running, short_tmpdir
 
 EXIT_REDIS_UNAVAILABLE = 69
 EXIT_CONFIG = 78
-NOBODY = 65534
 NS, SVC = "sec", "lobby"
-
-as_root = pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
-                             reason="needs root and a system python3 to connect as another user")
-
-# Run by the system Python as another user (no msgpack there): connect, send hex bytes, print
-# the reply's hex, "closed" or the errno name.
-_CONNECT_AS = """
-import errno, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(5)
-try:
-    s.connect(sys.argv[1])
-    s.sendall(bytes.fromhex(sys.argv[2]))
-    print(s.recv(4096).hex() or "closed")
-except (BrokenPipeError, ConnectionResetError):
-    print("closed")
-except OSError as exc:
-    print(errno.errorcode[exc.errno])
-"""
-
-
-def call_as(uid: int, gid: int, socket_path: str, message: list[object]) -> object:
-    """Send one message as uid:gid; the reply's result, "closed", or an errno name such as EACCES."""
-    done = subprocess.run(["/usr/bin/python3", "-c", _CONNECT_AS, socket_path, msgpack.packb(message).hex()],
-                          user=uid, group=gid, extra_groups=[], capture_output=True, text=True, timeout=10)
-    assert done.returncode == 0, done.stderr
-    out = done.stdout.strip()
-    if out == "closed" or out.startswith("E"):
-        return out
-    return msgpack.unpackb(bytes.fromhex(out))[3]
 
 
 def shared_gid() -> int:
@@ -73,9 +42,6 @@ def _has_group(name: str) -> bool:
     return True
 
 
-def reachable_by_others(daemon: Daemon) -> Daemon:
-    os.chmod(daemon.dir, 0o711)  # others may traverse to the socket; its mode and the allow lists decide
-    return daemon
 
 
 # --- the socket file and its directory -----------------------------------------------------------
