@@ -124,10 +124,8 @@ def _pod_id(raw: bytes | None) -> int | None:
 def _held_pod_id(raw: bytes) -> int:
     """The link that made a script refuse (it wrote nothing). A value that is not a pod id
     (another tool's data) still holds the user, but cannot be answered as one."""
-    if raw.isdigit():
-        pod = int(raw)
-        if pod <= MAX_POD_ID:
-            return pod
+    if _is_pod_id(raw):
+        return int(raw)
     raise Internal(
         f"the user's link holds a value that is not a decimal pod id in 0..{MAX_POD_ID} "
         "(another tool's data?); the link was not changed"
