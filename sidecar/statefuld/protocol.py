@@ -338,14 +338,15 @@ class RpcProtocol(asyncio.Protocol):
         self._read_at = perf_counter()
         self._take(data)
 
-    def _take(self, data: bytes | memoryview) -> None:
+    def _take(self, data: bytes | memoryview, resuming: bool = False) -> None:
         """Feed ``data`` and start the messages it completes, until the connection has
-        ``max_pending`` calls running: then the rest waits (``_hold``)."""
+        ``max_pending`` calls running: then the rest waits (``_hold``). ``resuming``: the
+        unpacker may still hold messages fed before a hold; they go first."""
         unpacker = self._unpacker
         # One deadline for every message taken now: they all arrived (or were let in) now.
         deadline = self._loop.time() + self._state.timeout_s  # type: ignore[union-attr]
         try:
-            if not self._drain_unpacker(unpacker, deadline):  # messages fed before a hold
+            if resuming and not self._drain_unpacker(unpacker, deadline):
                 self._hold(data)
                 return
             if len(data) <= _FEED_SLICE:
@@ -390,7 +391,7 @@ class RpcProtocol(asyncio.Protocol):
         self._holding = False
         backlog, self._backlog = self._backlog, None
         self._read_at = perf_counter()
-        self._take(b"" if backlog is None else backlog)
+        self._take(b"" if backlog is None else backlog, resuming=True)
         if not self._holding and not self._closing and not self._write_paused:
             transport.resume_reading()
 
