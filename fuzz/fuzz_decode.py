@@ -89,6 +89,7 @@ class ValidatingDispatcher:
 
     def __init__(self) -> None:
         self.requests = 0
+        self.hot: dict[str, Any] = {}  # no hot path: every method goes through start() and validate()
 
     def start(self, method: Any, params: Any, waiter: Any = None) -> tuple[Any, None]:
         spec, args = validate(method, params, CONFIG)  # RpcError: the protocol answers it

@@ -296,22 +296,22 @@ def test_waiters_get_replies_in_the_read_in_order_with_errors_and_one_flush_per_
         flushes = owner.flushes
         waiters = [_Recorder(owner, i) for i in range(6)]
         # Waiters and futures interleaved in one write: each reply reaches the one it answers.
-        assert mux.execute_to(waiters[0], "SET", "w", "1")
+        assert mux.execute_to(waiters[0], ("SET", "w", "1"))
         future = mux.execute("GET", "w")
-        assert mux.execute_to(waiters[1], "GET", "w")
-        assert mux.execute_to(waiters[2], "EVALSHA", "0" * 40, 0)  # NOSCRIPT, as a value
-        assert mux.execute_to(waiters[3], "INCR", "w")
+        assert mux.execute_to(waiters[1], ("GET", "w"))
+        assert mux.execute_to(waiters[2], ("EVALSHA", "0" * 40, 0))  # NOSCRIPT, as a value
+        assert mux.execute_to(waiters[3], ("INCR", "w"))
         assert await future == b"1"
         await asyncio.sleep(0.05)
         assert (got[0], got[1], got[3]) == (b"OK", b"1", 2)
         assert isinstance(got[2], ReplyError) and got[2].code == "NOSCRIPT"
         assert 1 <= len(flushes) <= 2 and flushes[-1] == 4  # each owner once per read, after the read
         # A lost connection hands each waiter still waiting an Unavailable.
-        assert mux.execute_to(waiters[4], "BLPOP", "nothing", 0)
+        assert mux.execute_to(waiters[4], ("BLPOP", "nothing", 0))
         await asyncio.sleep(0.05)
         await mux.close()
         await asyncio.sleep(0.05)
         assert isinstance(got[4], Unavailable)
-        assert not mux.execute_to(waiters[5], "PING")  # not connected: the caller uses execute()
+        assert not mux.execute_to(waiters[5], ("PING",))  # not connected: the caller uses execute()
 
     run(lambda: with_mux(url, body))

@@ -45,16 +45,14 @@ class StandaloneTransport:
 
     def __init__(self, endpoint: Endpoint) -> None:
         self._mux = RedisMux(endpoint)
+        # One node, nothing to route: the mux's own execute_to(waiter, args) is this transport's.
+        self.execute_to = self._mux.execute_to
 
     def execute(self, route_key: str, *args: Any) -> Awaitable[Any]:
         return self._mux.execute(*args)
 
     def execute_any(self, *args: Any) -> Awaitable[Any]:
         return self._mux.execute(*args)
-
-    def execute_to(self, waiter: Waiter, route_key: str, *args: Any) -> bool:
-        """The reply to ``waiter`` (redis_mux.Waiter); False if it must go through ``execute``."""
-        return self._mux.execute_to(waiter, *args)
 
     def group_by_node(self, keys: Sequence[str]) -> list[list[int]]:
         return [list(range(len(keys)))] if keys else []
@@ -211,8 +209,9 @@ class Executor:
         load_stale_ms: int = 10_000,
     ) -> None:
         self._redis = transport
-        # Transports that can hand a reply to a redis_mux.Waiter (no future) have execute_to.
-        self._execute_to: Callable[..., bool] | None = getattr(transport, "execute_to", None)
+        # A transport with one node can hand a reply to a redis_mux.Waiter (no future): it has
+        # execute_to(waiter, args), RedisMux.execute_to.
+        self._execute_to: Callable[[Waiter, tuple[Any, ...]], bool] | None = getattr(transport, "execute_to", None)
         self._set_linked_pod_sha = scripts["set_linked_pod"].sha
         self._scripts = scripts
         self.keys = keys
@@ -407,7 +406,7 @@ class Executor:
         self, ns: str, uid: str, service: str, waiter: Waiter | None = None
     ) -> tuple[Awaitable[Any] | None, Callable[[Any], Any]]:
         key = self.keys.link(ns, uid, service)
-        if waiter is not None and self._execute_to is not None and self._execute_to(waiter, key, "GET", key):
+        if waiter is not None and self._execute_to is not None and self._execute_to(waiter, ("GET", key)):
             return None, _pod_id
         return self._redis.execute(key, "GET", key), _pod_id
 
@@ -416,7 +415,7 @@ class Executor:
     ) -> tuple[Awaitable[Any] | None, Callable[[Any], Any]]:
         hash_key, key = self._link_keys(ns, uid, service)
         args = ("EVALSHA", self._set_linked_pod_sha, 2, hash_key, key, service, pod_id, persist_seconds)
-        if waiter is not None and self._execute_to is not None and self._execute_to(waiter, hash_key, *args):
+        if waiter is not None and self._execute_to is not None and self._execute_to(waiter, args):
             return None, self._decode_previous
         return self._redis.execute(hash_key, *args), self._decode_previous
 

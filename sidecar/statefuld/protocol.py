@@ -62,6 +62,8 @@ _DRAIN_CANCEL_S: Final = 2.0
 class Dispatcher(Protocol):
     """rpc.Dispatcher as the connections use it (see its docstring)."""
 
+    hot: dict[str, Callable[[Any, Waiter | None], tuple[Awaitable[Any] | None, Callable[[Any], Any] | None]]]
+
     def start(self, method: str, params: list[Any], waiter: Waiter | None, /
               ) -> tuple[Awaitable[Any] | None, Callable[[Any], Any] | None]: ...
     def recover(self, method: str, params: list[Any], exc: BaseException, /) -> Awaitable[Any]: ...
@@ -90,7 +92,23 @@ class _Call(Waiter):
         self.started = conn._read_at  # perf_counter of the read that brought it (the loop's clock is in ms)
 
     def reply(self, value: Any) -> RpcProtocol | None:
-        return self.conn._answer_reply(self, value)
+        """The hot path: redis_mux hands the raw reply (or the error) over during its read. The
+        answer is queued, not flushed: redis_mux calls ``flush`` on what this returns after the read."""
+        if self.finished:
+            return None  # expired or shut down meanwhile: this late reply is dropped
+        conn = self.conn
+        try:
+            if isinstance(value, BaseException):
+                raise value
+            decode = self.decode
+            result = value if decode is None else decode(value)
+        except RpcError as exc:
+            conn._done(self, exc.to_wire(), None)
+        except Exception as exc:
+            conn._recover(self, exc)
+        else:
+            conn._done(self, None, result)
+        return conn
 
     def future_done(self, future: asyncio.Future[Any]) -> None:
         if future is self.future:  # not a future this call has since moved on from
@@ -102,6 +120,8 @@ class ServerState:
 
     def __init__(self, config: Config, dispatcher: Dispatcher) -> None:
         self.start = dispatcher.start
+        # The hot methods' starters by name (rpc.Dispatcher.hot): one dict lookup, no Dispatcher.start.
+        self.hot = dispatcher.hot.get
         self.recover = dispatcher.recover
         self.timeout_s = config.request_timeout_ms / 1000
         self.max_message_bytes = config.max_message_bytes
@@ -116,7 +136,7 @@ class ServerState:
         # each is removed when answered. Every deadline is arrival + timeout_s, so insertion
         # order is deadline order and the sweep only looks at the front (see _sweep_deadlines).
         self.tasks: dict[_Call, None] = {}
-        self._sweep: asyncio.TimerHandle | None = None
+        self.sweeping = False  # a deadline sweep is scheduled
         self.in_flight = 0
         self.connections: set[RpcProtocol] = set()
         self.draining = False
@@ -140,16 +160,16 @@ class ServerState:
         self._failures_not_logged = 0
         self.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
 
-    def track(self, call: _Call, loop: asyncio.AbstractEventLoop) -> None:
+    def start_sweep(self) -> None:
         # One timer for all requests instead of asyncio.timeout_at per request: a per-request
         # timer (a libuv timer under uvloop) and current_task() cost more than the rest of a
-        # get_linked_pod's handling in the daemon (docs/BENCHMARKS.md, profile).
-        self.tasks[call] = None
-        if self._sweep is None:
-            self._sweep = loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines, loop)
+        # get_linked_pod's handling in the daemon (docs/BENCHMARKS.md, profile). The caller has
+        # just added a call to ``tasks``; the sweep runs while any is left.
+        self.sweeping = True
+        loop = asyncio.get_running_loop()
+        loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines, loop)
 
     def _sweep_deadlines(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._sweep = None
         now = loop.time()
         expired = []
         for call in self.tasks:
@@ -159,7 +179,9 @@ class ServerState:
         for call in expired:
             call.conn._expire(call, _TIMEOUT)
         if self.tasks:
-            self._sweep = loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines, loop)
+            loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines, loop)
+        else:
+            self.sweeping = False
 
     async def drain(self, timeout_s: float) -> None:
         """Shutdown: wait up to ``timeout_s`` for the calls in flight to be answered; answer the
@@ -306,8 +328,8 @@ class RpcProtocol(asyncio.Protocol):
         self.flush()
         return False  # asyncio closes the transport
 
-    def _request_done(self) -> None:
-        self._pending -= 1
+    def _after_request_done(self) -> None:
+        # A call of a held or half-closed connection ended (_pending already counts it out).
         if self._holding and self._pending <= self._state.resume_pending and not self._resume_scheduled:
             # Not from here: this may run inside redis_mux's read, which must not send meanwhile.
             self._resume_scheduled = True
@@ -439,29 +461,26 @@ class RpcProtocol(asyncio.Protocol):
         if type(params) is not list:
             raise MalformedMessage("params is not an array")
 
-        state = self._state
-        # ping is never shed: it costs nothing, and a saturated daemon must not fail its liveness probe.
-        if state.in_flight >= state.max_in_flight and method != "ping":
-            # Shed at once: queueing would only turn overload into timeouts for everyone.
-            state.overloaded += 1
-            state.metrics.count(method, OVERLOADED)
-            if msgid is None:
-                state.notification_failed(method, "OVERLOADED")
-            else:
-                self._reply(msgid, _OVERLOADED, None)
-            return
         self._start(msgid, method, params, deadline)
 
     def _start(self, msgid: int | None, method: str, params: list[Any], deadline: float) -> None:
         state = self._state
+        # ping is never shed: it costs nothing, and a saturated daemon must not fail its liveness probe.
+        if state.in_flight >= state.max_in_flight and method != "ping":
+            self._shed(msgid, method)
+            return
         if msgid is None:
             state.notifications += 1
         else:
             state.requests += 1
         call = _Call(self, msgid, method, params, deadline)
+        hot = state.hot(method)
         try:
             # Validates and starts the call; a rejected call (nothing sent to Redis) raises here.
-            awaitable, call.decode = state.start(method, params, call)
+            if hot is not None:
+                awaitable, call.decode = hot(params, call)
+            else:
+                awaitable, call.decode = state.start(method, params, call)
         except RpcError as exc:
             self._finish(msgid, method, exc.to_wire(), None)
             return
@@ -470,11 +489,21 @@ class RpcProtocol(asyncio.Protocol):
             return
         state.in_flight += 1
         self._pending += 1
-        loop = self._loop
-        assert loop is not None
-        state.track(call, loop)
+        state.tasks[call] = None
+        if not state.sweeping:
+            state.start_sweep()
         if awaitable is not None:
             self._await(call, awaitable)
+
+    def _shed(self, msgid: int | None, method: str) -> None:
+        # Shed at once: queueing would only turn overload into timeouts for everyone.
+        state = self._state
+        state.overloaded += 1
+        state.metrics.count(method, OVERLOADED)
+        if msgid is None:
+            state.notification_failed(method, "OVERLOADED")
+        else:
+            self._reply(msgid, _OVERLOADED, None)
 
     # --- execution ---------------------------------------------------------------------------
 
@@ -484,22 +513,6 @@ class RpcProtocol(asyncio.Protocol):
         future = awaitable if isinstance(awaitable, asyncio.Future) else self._loop.create_task(awaitable)  # type: ignore[union-attr, arg-type]
         call.future = future
         future.add_done_callback(call.future_done)
-
-    def _answer_reply(self, call: _Call, value: Any) -> RpcProtocol | None:
-        """The hot path: redis_mux hands ``call`` its raw reply (or the error) during its read.
-        The reply is queued without scheduling a flush: redis_mux calls ``flush`` after the read."""
-        if call.finished:
-            return None  # expired or shut down meanwhile: this late reply is dropped
-        try:
-            if isinstance(value, BaseException):
-                raise value
-            decode = call.decode
-            self._done(call, None, value if decode is None else decode(value))
-        except RpcError as exc:
-            self._done(call, exc.to_wire(), None)
-        except Exception as exc:
-            self._recover(call, exc)
-        return self
 
     def _answer(self, call: _Call, future: asyncio.Future[Any]) -> None:
         """The future of ``call`` is done: send its reply (or count its failure)."""
@@ -584,7 +597,9 @@ class RpcProtocol(asyncio.Protocol):
             self._queue_reply(msgid, error, result)
         elif error is not None:
             state.notification_failed(call.method, f"{error['code']}: {error['message']}")
-        self._request_done()
+        self._pending -= 1
+        if self._holding or self._eof:
+            self._after_request_done()
 
     def _finish(self, msgid: int | None, method: str, error: dict[str, str] | None, result: Any) -> None:
         self._state.metrics.count(method, OK if error is None else code_index(error))

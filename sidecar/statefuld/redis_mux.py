@@ -183,17 +183,6 @@ class _Connection(asyncio.Protocol):
             self._loop.call_soon(self._flush)
         return future
 
-    def send_to(self, args: tuple[Any, ...], waiter: Waiter) -> None:
-        """As ``send``, the reply going to ``waiter``; raises ``Unavailable`` if the connection is lost."""
-        data = hiredis.pack_command(args)
-        if self.lost_reason is not None:
-            raise Unavailable(self.lost_reason)
-        self._out.append(data)
-        self._waiting.append(waiter)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
     def _flush(self) -> None:
         self._flush_scheduled = False
         out = self._out
@@ -315,14 +304,25 @@ class RedisMux:
             return conn.send(args)
         return self._execute_after_connect(args)
 
-    def execute_to(self, waiter: Waiter, *args: Any) -> bool:
-        """Queue one command whose reply goes to ``waiter``; False (nothing queued) while not
-        connected, when the caller should use ``execute``. Raises ``Unavailable`` as ``execute``
-        would fail."""
+    def execute_to(self, waiter: Waiter, args: tuple[Any, ...]) -> bool:
+        """Queue the command ``args`` (a tuple, passed as is), its reply going to ``waiter``;
+        False (nothing queued) while not connected, when the caller should use ``execute``.
+        Raises ``Unavailable`` as ``execute`` would fail.
+
+        The hot path: the connection's queue is filled here rather than through a method of it,
+        one call less per request (see ``_Connection.send`` for the same steps with a future).
+        """
         conn = self._conn
         if conn is None:
             return False
-        conn.send_to(args, waiter)
+        data = hiredis.pack_command(args)
+        if conn.lost_reason is not None:
+            raise Unavailable(conn.lost_reason)
+        conn._out.append(data)
+        conn._waiting.append(waiter)
+        if not conn._flush_scheduled:
+            conn._flush_scheduled = True
+            conn._loop.call_soon(conn._flush)
         return True
 
     async def _execute_after_connect(self, args: tuple[Any, ...]) -> Any:

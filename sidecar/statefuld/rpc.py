@@ -200,7 +200,8 @@ class Dispatcher:
         self._handlers["stats"] = self._stats
         # The daemon's numbers (metrics.Observer.snapshot), wired by the server once it has them.
         self.stats: Callable[[], dict[str, Any]] = dict
-        self._hot: dict[str, Callable[[Any, Waiter | None], tuple[Awaitable[Any] | None, Decode | None]]] = {
+        # The methods started without validate() or a coroutine; the server looks them up here first.
+        self.hot: dict[str, Callable[[Any, Waiter | None], tuple[Awaitable[Any] | None, Decode | None]]] = {
             "get_linked_pod": self._start_get_linked_pod,
             "set_linked_pod": self._start_set_linked_pod,
         }
@@ -222,7 +223,7 @@ class Dispatcher:
 
         A hot method may hand its raw reply to ``waiter`` (redis_mux.Waiter) instead of a future:
         then the awaitable returned is None."""
-        hot = self._hot.get(method) if type(method) is str else None
+        hot = self.hot.get(method) if type(method) is str else None
         if hot is not None:
             return hot(params, waiter)
         spec, args = validate(method, params, self._config)
@@ -256,20 +257,30 @@ class Dispatcher:
         names_ok.add(checked)
         return checked
 
+    # The cache is consulted here rather than in _name, which these calls then skip: a call per
+    # name costs as much as the lookup.
+
     def _start_get_linked_pod(self, params: Any, waiter: Waiter | None) -> tuple[Awaitable[Any] | None, Decode | None]:
         if type(params) is not list or len(params) != 3:
             validate("get_linked_pod", params, self._config)  # raises the error naming what is wrong
         ns, uid, service = params
-        return self._executor.begin_get_linked_pod(
-            self._name("ns", ns), _uid(uid), self._name("service", service), waiter)
+        names_ok = self._names_ok
+        if type(ns) is not str or ns not in names_ok:
+            ns = self._name("ns", ns)
+        if type(service) is not str or service not in names_ok:
+            service = self._name("service", service)
+        return self._executor.begin_get_linked_pod(ns, _uid(uid), service, waiter)
 
     def _start_set_linked_pod(self, params: Any, waiter: Waiter | None) -> tuple[Awaitable[Any] | None, Decode | None]:
         if type(params) is not list or len(params) != 5:
             validate("set_linked_pod", params, self._config)
         ns, uid, service, pod_id, persist_seconds = params
-        ns = self._name("ns", ns)
+        names_ok = self._names_ok
+        if type(ns) is not str or ns not in names_ok:
+            ns = self._name("ns", ns)
         uid = _uid(uid)
-        service = self._name("service", service)
+        if type(service) is not str or service not in names_ok:
+            service = self._name("service", service)
         return self._executor.begin_set_linked_pod(
             ns, uid, service, check_pod_id("pod_id", pod_id), check_persist_seconds("persist_seconds", persist_seconds),
             waiter)
