@@ -13,6 +13,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import statistics
+import threading
 import time
 from array import array
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,9 @@ class Sample:
     p99_ms: float
     calls: int
     client_cpu_us: float  # CPU time of the load processes per call (microseconds)
+    # CPU time per call of the process serving the calls (the daemon), within the window; NaN if
+    # none was named.
+    server_cpu_us: float = float("nan")
 
 
 def percentile(sorted_values: array[float] | list[float], q: float) -> float:
@@ -159,8 +163,15 @@ def _sync_worker(setup: SyncSetup, warmup_s: float, duration_s: float, barrier: 
         out.close()
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def _collect(targets: list[tuple[Callable[..., None], tuple[Any, ...]]], barrier: Any,
-             timeout_s: float) -> Sample:
+             timeout_s: float, server_pid: int | None = None, duration_s: float = 0.0) -> Sample:
     ctx = multiprocessing.get_context("fork")
     procs = []
     pipes = []
@@ -171,6 +182,18 @@ def _collect(targets: list[tuple[Callable[..., None], tuple[Any, ...]]], barrier
         sender.close()
         procs.append(proc)
         pipes.append(receiver)
+    server_cpu = float("nan")
+    if server_pid is not None:
+        # This process is the barrier's last party: the window opens when it passes, and the
+        # server's CPU is read at both ends of the window (clock-tick resolution: 10 ms).
+        try:
+            barrier.wait(timeout=timeout_s)
+        except threading.BrokenBarrierError:
+            pass  # a load process failed: its pipe says why, below
+        else:
+            before = cpu_s(server_pid)
+            time.sleep(duration_s)
+            server_cpu = cpu_s(server_pid) - before
     parts = []
     failures = []
     for receiver in pipes:
@@ -189,20 +212,25 @@ def _collect(targets: list[tuple[Callable[..., None], tuple[Any, ...]]], barrier
             proc.join()
     if failures:
         raise RuntimeError("load failed: " + "; ".join(failures))
-    return _summarize(parts)
+    sample = _summarize(parts)
+    sample.server_cpu_us = server_cpu / max(sample.calls, 1) * 1e6
+    return sample
 
 
-def run_async(setup: AsyncSetup, processes: int, callers: int, warmup_s: float, duration_s: float) -> Sample:
-    """One window: `processes` processes, each with `callers` concurrent coroutines."""
-    barrier = multiprocessing.get_context("fork").Barrier(processes)
+def run_async(setup: AsyncSetup, processes: int, callers: int, warmup_s: float, duration_s: float,
+              server_pid: int | None = None) -> Sample:
+    """One window: `processes` processes, each with `callers` concurrent coroutines. With
+    `server_pid`, the sample also has that process's CPU per call within the window."""
+    barrier = multiprocessing.get_context("fork").Barrier(processes + (server_pid is not None))
     targets = [(_async_worker, (setup, i, callers, warmup_s, duration_s)) for i in range(processes)]
-    return _collect(targets, barrier, warmup_s + duration_s + 60)
+    return _collect(targets, barrier, warmup_s + duration_s + 60, server_pid, duration_s)
 
 
-def run_sync(setup: SyncSetup, warmup_s: float, duration_s: float) -> Sample:
-    """One window of one blocking caller in its own process."""
-    barrier = multiprocessing.get_context("fork").Barrier(1)
-    return _collect([(_sync_worker, (setup, warmup_s, duration_s))], barrier, warmup_s + duration_s + 60)
+def run_sync(setup: SyncSetup, warmup_s: float, duration_s: float, server_pid: int | None = None) -> Sample:
+    """One window of one blocking caller in its own process (`server_pid`: as for run_async)."""
+    barrier = multiprocessing.get_context("fork").Barrier(1 + (server_pid is not None))
+    return _collect([(_sync_worker, (setup, warmup_s, duration_s))], barrier, warmup_s + duration_s + 60,
+                    server_pid, duration_s)
 
 
 @dataclass

@@ -12,6 +12,9 @@ alike), the median over --runs rounds of:
 - one blocking caller: statefuld's Client against redis-py's blocking client, p50 and p99, with
   the daemon as configured and with a second daemon started with --busy-poll-us (default 50);
 - a mixed workload: 89% get_linked_pod, 10% set_linked_pod, 1% batch_get_linked_pod of 100 uids;
+- the same get/set rows through benchmarks/floor_sidecar.py, a sidecar that only translates: the
+  most any sidecar written with this stack can reach on the machine, i.e. the ceiling of targets
+  1 and 2 there (it does strictly less work than statefuld must);
 - the daemon's RSS idle and its peak under load, and its time from start to answering
   `health` as ready with an external Redis.
 """
@@ -19,6 +22,7 @@ alike), the median over --runs rounds of:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import re
@@ -28,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,7 +41,7 @@ sys.path.insert(0, HERE)
 import redis  # noqa: E402
 from load import Sample, run_async, run_sync  # noqa: E402
 from support import Daemon, RedisServer, rpc_call, short_tmpdir  # noqa: E402
-from workloads import refresh_pods, seed, workloads  # noqa: E402
+from workloads import SET_SCRIPT, Workload, refresh_pods, script_sha, seed, workloads  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -99,6 +102,18 @@ def time_to_ready(redis_url: str, runs: int) -> tuple[float, float]:
     return statistics.median(times), idle
 
 
+def start_floor_sidecar(redis_socket: str) -> tuple[subprocess.Popen[str], str]:
+    """floor_sidecar.py on a private socket (the daemon has loaded the script it runs)."""
+    socket_path = os.path.join(short_tmpdir("sff-"), "floor.sock")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "floor_sidecar.py"), socket_path, redis_socket,
+                             script_sha(SET_SCRIPT)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError("floor_sidecar.py did not start")
+    return proc, socket_path
+
+
 def redis_benchmark(socket_path: str, command: list[str], clients: int, requests: int) -> float:
     """redis-benchmark's own ops/s for `command`, unpipelined (-P 1), `__rand_int__` over 10,000 uids."""
     binary = shutil.which("redis-benchmark") or "/usr/bin/redis-benchmark"
@@ -112,25 +127,9 @@ def redis_benchmark(socket_path: str, command: list[str], clients: int, requests
     return float(re.findall(r'"([^"]*)"', last)[1])
 
 
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def daemon_cpu(daemon: Daemon, measure: Callable[[], Sample], collected: Collected, name: str) -> Sample:
-    """Run ``measure`` and note the daemon's CPU per call (warm-up included: an upper bound)."""
-    assert daemon.proc is not None
-    before = cpu_s(daemon.proc.pid)
-    sample = measure()
-    collected.daemon_cpu_us.setdefault(name, []).append((cpu_s(daemon.proc.pid) - before) / sample.calls * 1e6)
-    return sample
-
-
 @dataclass
 class Collected:
     samples: dict[str, list[Sample]] = field(default_factory=dict)
-    daemon_cpu_us: dict[str, list[float]] = field(default_factory=dict)
     benchmark_ops: list[float] = field(default_factory=list)
     load_rss_mb: float = 0.0
 
@@ -166,6 +165,53 @@ def machine() -> str:
             f"uvloop {uvloop.__version__}, msgpack {'.'.join(map(str, msgpack.version))}")
 
 
+@dataclass
+class Served:
+    """What the rows run against: the daemon, the floor sidecar, the busy-polling daemon (pids)."""
+
+    daemon_pid: int
+    loads: dict[str, Workload]
+    floor_pid: int
+    floor_loads: dict[str, Workload]
+    polling_pid: int | None
+    polled: dict[str, Workload] | None
+
+
+def measure_round(args: argparse.Namespace, served: Served, collected: Collected, daemon_socket: str) -> None:
+    """One round of the concurrent rows, the daemon's RSS sampled meanwhile."""
+    P, C, CH = args.processes, args.callers, args.callers_high
+    warmup_s, duration_s = args.warmup_s, args.duration_s
+    with RssSampler(served.daemon_pid) as sampler:
+        for op in ("get_linked_pod", "set_linked_pod", "mixed", "compute_linked_pod"):
+            if op == "compute_linked_pod":
+                refresh_pods(daemon_socket)  # reports must stay fresher than --load-stale-ms
+            load = served.loads[op]
+            collected.add(f"{op} statefuld {P}x{C}",
+                          run_async(load.statefuld, P, C, warmup_s, duration_s, served.daemon_pid))
+            collected.add(f"{op} direct {P}x{C}", run_async(load.direct, P, C, warmup_s, duration_s))
+            if op in served.floor_loads:
+                collected.add(f"{op} floor sidecar {P}x{C}", run_async(
+                    served.floor_loads[op].statefuld, P, C, warmup_s, duration_s, served.floor_pid))
+        for op in ("get_linked_pod", "set_linked_pod"):
+            collected.add(f"{op} statefuld {P}x{CH}",
+                          run_async(served.loads[op].statefuld, P, CH, warmup_s, duration_s, served.daemon_pid))
+            collected.add(f"{op} floor sidecar {P}x{CH}", run_async(
+                served.floor_loads[op].statefuld, P, CH, warmup_s, duration_s, served.floor_pid))
+    collected.load_rss_mb = max(collected.load_rss_mb, sampler.peak_mb)
+
+
+def measure_blocking(args: argparse.Namespace, served: Served, collected: Collected) -> None:
+    """One round of the one-blocking-caller rows."""
+    for op in ("get_linked_pod", "set_linked_pod"):
+        loads = served.loads[op]
+        collected.add(f"{op} statefuld blocking 1",
+                      run_sync(loads.statefuld_sync, args.warmup_s, args.duration_s, served.daemon_pid))
+        collected.add(f"{op} direct blocking 1", run_sync(loads.direct_sync, args.warmup_s, args.duration_s))
+        if served.polled is not None:
+            collected.add(f"{op} statefuld blocking 1, --busy-poll-us {args.busy_poll_us}", run_sync(
+                served.polled[op].statefuld_sync, args.warmup_s, args.duration_s, served.polling_pid))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5, help="rounds; figures are medians over them (5)")
@@ -184,6 +230,7 @@ def main() -> int:
     redis_server = RedisServer(dir=short_tmpdir("sfb-")).start()
     daemon: Daemon | None = None
     polling: Daemon | None = None
+    floor: subprocess.Popen[str] | None = None
     try:
         print("time to ready ...", flush=True)
         ready_s, idle_fresh_mb = time_to_ready(redis_server.url, args.runs)
@@ -193,43 +240,25 @@ def main() -> int:
         time.sleep(0.5)
         idle_mb = rss_mb(daemon.proc.pid)
         loads = workloads(redis_server.socket_path, daemon.socket_path)
+        floor, floor_socket = start_floor_sidecar(redis_server.socket_path)
+        floor_loads = {op: load for op, load in workloads(redis_server.socket_path, floor_socket).items()
+                       if op in ("get_linked_pod", "set_linked_pod")}
         polled = None
         if args.busy_poll_us:
             polling = Daemon(redis_server.url,
                              args=[*args.daemon_arg, "--busy-poll-us", str(args.busy_poll_us)]).start()
             polled = workloads(redis_server.socket_path, polling.socket_path)
+        served = Served(daemon.proc.pid, loads, floor.pid, floor_loads,
+                        polling.proc.pid if polling is not None and polling.proc is not None else None, polled)
         collected = Collected()
-        P, C, CH = args.processes, args.callers, args.callers_high
         bench_command = loads["set_linked_pod"].benchmark_command
         for round_ in range(args.runs):
             print(f"round {round_ + 1}/{args.runs}", flush=True)
-            with RssSampler(daemon.proc.pid) as sampler:
-                for op in ("get_linked_pod", "set_linked_pod", "mixed", "compute_linked_pod"):
-                    if op == "compute_linked_pod":
-                        refresh_pods(daemon.socket_path)  # reports must stay fresher than --load-stale-ms
-                    load = loads[op]
-                    collected.add(f"{op} statefuld {P}x{C}",
-                                  run_async(load.statefuld, P, C, args.warmup_s, args.duration_s))
-                    collected.add(f"{op} direct {P}x{C}", run_async(load.direct, P, C, args.warmup_s, args.duration_s))
-                for op in ("get_linked_pod", "set_linked_pod"):
-                    collected.add(f"{op} statefuld {P}x{CH}",
-                                  run_async(loads[op].statefuld, P, CH, args.warmup_s, args.duration_s))
-            collected.load_rss_mb = max(collected.load_rss_mb, sampler.peak_mb)
+            measure_round(args, served, collected, daemon.socket_path)
             ops = redis_benchmark(redis_server.socket_path, bench_command, 50, args.benchmark_requests)
             collected.benchmark_ops.append(ops)
             print(f"  redis-benchmark 50 clients: {ops:,.0f} ops/s", flush=True)
-            for op in ("get_linked_pod", "set_linked_pod"):
-                collected.add(f"{op} statefuld blocking 1", daemon_cpu(
-                    daemon, lambda op=op: run_sync(loads[op].statefuld_sync, args.warmup_s, args.duration_s),
-                    collected, f"{op} statefuld blocking 1"))
-                collected.add(f"{op} direct blocking 1", run_sync(loads[op].direct_sync, args.warmup_s,
-                                                                  args.duration_s))
-                if polled is not None:
-                    name = f"{op} statefuld blocking 1, --busy-poll-us {args.busy_poll_us}"
-                    assert polling is not None
-                    collected.add(name, daemon_cpu(
-                        polling, lambda op=op: run_sync(polled[op].statefuld_sync, args.warmup_s, args.duration_s),
-                        collected, name))
+            measure_blocking(args, served, collected)
         text = report(collected, args, ready_s, idle_mb, idle_fresh_mb, bench_command)
         print(text)
         if args.markdown:
@@ -238,6 +267,9 @@ def main() -> int:
         for started in (daemon, polling):
             if started is not None:
                 started.cleanup()
+        if floor is not None:
+            floor.kill()
+            floor.wait()
         redis_server.cleanup()
     return 0
 
@@ -284,6 +316,14 @@ def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: floa
         if args.busy_poll_us:
             line(f"{op} statefuld blocking 1, --busy-poll-us {args.busy_poll_us}", f"{op} direct blocking 1",
                  "redis-py blocking, 1 caller", "<= 1.2x p50", latency=True, goal=1.2)
+    # The ceilings of targets 1 and 2 on this machine: the same AsyncClient through a sidecar that
+    # only translates (benchmarks/floor_sidecar.py), so does strictly less than statefuld must.
+    for op in ("get_linked_pod", "set_linked_pod"):
+        line(f"{op} floor sidecar {P}x{C}", f"{op} direct {P}x{C}", f"direct redis-py asyncio {P}x{C}",
+             "ceiling of target 1")
+    for op in ("get_linked_pod", "set_linked_pod"):
+        line(f"{op} floor sidecar {P}x{CH}", None, "redis-benchmark EVALSHA, 50 clients, -P 1", "ceiling of target 2",
+             base_ops=bench)
     line(f"mixed statefuld {P}x{C}", f"mixed direct {P}x{C}", f"direct redis-py asyncio {P}x{C}", "reported")
     line(f"compute_linked_pod statefuld {P}x{C}", f"compute_linked_pod direct {P}x{C}",
          f"the same 3 steps with redis-py asyncio {P}x{C}", "reported (new users)")
@@ -291,6 +331,8 @@ def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: floa
         return "met" if ok else "NOT met"
 
     cpu = {name: statistics.median(s.client_cpu_us for s in samples) for name, samples in c.samples.items()}
+    server_cpu = {name: statistics.median(s.server_cpu_us for s in samples) for name, samples in c.samples.items()
+                  if not math.isnan(samples[0].server_cpu_us)}
     extra = [
         "",
         f"- daemon RSS: idle {idle_mb:.1f} MB after seeding ({idle_fresh_mb:.1f} MB fresh; target < 40 MB: "
@@ -300,9 +342,12 @@ def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: floa
         "- per-round ratios, to show the spread: " + "; ".join(spreads),
         "- CPU of the load processes per call (µs, median over rounds): "
         + ", ".join(f"{name} {us:.1f}" for name, us in cpu.items()),
-        "- CPU of the daemon per call in the blocking rows (µs, median over rounds; the warm-up's calls are "
-        "not counted, so this is an upper bound): "
-        + ", ".join(f"{name} {statistics.median(us):.1f}" for name, us in c.daemon_cpu_us.items()),
+        "- CPU of the serving process (the daemon, or the floor sidecar) per call within the window (µs, median "
+        "over rounds): " + ", ".join(f"{name} {us:.1f}" for name, us in server_cpu.items()),
+        "- statefuld's throughput as a share of the floor sidecar's, per round: " + "; ".join(
+            f"{op} {callers}: " + " / ".join(f"{m.ops_s / f.ops_s:.2f}" for m, f in zip(
+                c.samples[f"{op} statefuld {callers}"], c.samples[f"{op} floor sidecar {callers}"], strict=True))
+            for callers in (f"{P}x{C}", f"{P}x{CH}") for op in ("get_linked_pod", "set_linked_pod")),
         f"- redis-benchmark command: `redis-benchmark -s SOCK -c 50 -n {args.benchmark_requests} -r 10000 -P 1 "
         f"{' '.join(bench_command)}` (median {bench:,.0f} ops/s)",
         f"- medians of {args.runs} rounds; each row {args.duration_s}s measured after {args.warmup_s}s warm-up",
