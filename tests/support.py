@@ -142,6 +142,15 @@ class RedisServer:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Redis stopped (SIGSTOP: connections stay open, nothing is answered) for the block."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)

@@ -494,8 +494,7 @@ def test_a_flood_past_max_in_flight_is_shed_at_once_and_ping_still_answers() -> 
             calls: list[Call] = []
             async with async_clients(daemon.socket_path, 4, 10) as clients:
                 await asyncio.gather(*[c.ping() for c in clients])  # connected before the pause
-                server.pause()
-                try:
+                with server.paused():
                     flood_started = loop.time()
                     tasks = [asyncio.create_task(one(clients[i % 4], i, calls)) for i in range(4000)]
                     while sum(c.outcome == "OVERLOADED" for c in calls) < 4000 - limit:
@@ -504,8 +503,6 @@ def test_a_flood_past_max_in_flight_is_shed_at_once_and_ping_still_answers() -> 
                     shed_s = max(c.ended for c in calls) - flood_started
                     # The daemon is saturated, yet a liveness probe still gets its PONG.
                     pong = await clients[0].ping(timeout_s=1)
-                finally:
-                    server.resume()
                 await asyncio.gather(*tasks)
             return calls, shed_s, pong
 

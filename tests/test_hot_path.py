@@ -40,8 +40,7 @@ def test_a_reply_after_the_deadline_gets_exactly_one_timeout(own_redis: RedisSer
     with running(Daemon(own_redis.url, args=["--request-timeout-ms", "300"])) as daemon:
         own_redis.client().set(link_key("bob"), "7")
         c = RawConnection(daemon.socket_path)
-        own_redis.pause()
-        try:
+        with own_redis.paused():  # Redis answers all three once resumed: late
             c.send(
                 [0, 1, "get_linked_pod", [NS, "alice", SVC]],  # hot path: the mux future
                 [0, 2, "set_linked_pod", [NS, "carol", SVC, 4, -1]],  # hot path: a script
@@ -50,8 +49,6 @@ def test_a_reply_after_the_deadline_gets_exactly_one_timeout(own_redis: RedisSer
             started = time.monotonic()
             replies = c.replies(3)
             elapsed = time.monotonic() - started
-        finally:
-            own_redis.resume()  # Redis now answers all three, late
         assert {msgid: error["code"] for msgid, (error, _) in replies.items()} == {1: "TIMEOUT", 2: "TIMEOUT",
                                                                                     3: "TIMEOUT"}
         assert 0.25 < elapsed < 2.0

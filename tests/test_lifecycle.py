@@ -37,8 +37,7 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(own_redis: RedisServer) 
     args = ["--request-timeout-ms", "10000", "--drain-timeout-s", "10"]
     with running(Daemon(own_redis.url, args=args)) as daemon:
         c = RawConnection(daemon.socket_path, timeout_s=10)
-        own_redis.pause()
-        try:
+        with own_redis.paused():
             for i in range(5):
                 c.request(i, "set_linked_pod", [NS, f"user{i}", SVC, i, -1])
             time.sleep(0.3)  # the requests are in the daemon, waiting on Redis
@@ -46,8 +45,6 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(own_redis: RedisServer) 
             # Draining: the listener is closed at once, the process stays for the requests in flight.
             wait_for(lambda: connect_refused(daemon.socket_path), timeout_s=5, what="listener closed")
             assert daemon.proc is not None and daemon.proc.poll() is None
-        finally:
-            own_redis.resume()
         assert c.replies(5) == {i: (None, None) for i in range(5)}
         assert daemon.wait(10) == 0
         assert own_redis.client().get(f"sf:{{{NS}:lk:user3}}{SVC}") == "3"  # written, acknowledged
@@ -59,15 +56,12 @@ def test_requests_still_in_flight_after_the_drain_bound_are_answered_unavailable
     args = ["--request-timeout-ms", "10000", "--drain-timeout-s", "0.3"]
     with running(Daemon(own_redis.url, args=args)) as daemon:
         c = RawConnection(daemon.socket_path, timeout_s=10)
-        own_redis.pause()
-        try:
+        with own_redis.paused():
             c.request(1, "get_linked_pod", [NS, "alice", SVC])
             time.sleep(0.2)
             daemon.signal(signal.SIGTERM)
             error, _ = c.replies(1)[1]
             assert error["code"] == "UNAVAILABLE"
-        finally:
-            own_redis.resume()
         assert daemon.wait(10) == 0
         assert not os.path.exists(daemon.socket_path)
         c.close()
@@ -77,8 +71,7 @@ def test_second_signal_forces_exit_and_still_removes_the_socket(own_redis: Redis
     args = ["--request-timeout-ms", "30000", "--drain-timeout-s", "30"]
     with running(Daemon(own_redis.url, args=args)) as daemon:
         c = RawConnection(daemon.socket_path)
-        own_redis.pause()
-        try:
+        with own_redis.paused():
             c.request(1, "get_linked_pod", [NS, "alice", SVC])
             time.sleep(0.2)
             daemon.signal(signal.SIGTERM)
@@ -87,8 +80,6 @@ def test_second_signal_forces_exit_and_still_removes_the_socket(own_redis: Redis
             started = time.monotonic()
             daemon.signal(signal.SIGINT)
             code = daemon.wait(5)
-        finally:
-            own_redis.resume()
         assert code != 0
         assert time.monotonic() - started < 3
         assert not os.path.exists(daemon.socket_path)

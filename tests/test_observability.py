@@ -339,12 +339,9 @@ def test_shed_timeouts_failed_notifications_and_script_reloads_are_counted() -> 
 
         # Redis stopped: the first two calls take the whole --max-in-flight budget and wait for
         # Redis until their deadline (TIMEOUT); the other eight, read meanwhile, are shed.
-        redis_server.pause()
-        try:
+        with redis_server.paused():
             burst = [[0, i, "get_linked_pod", ["game", f"user-{i}", "lobby"]] for i in range(10)]
             codes = [error and error["code"] for _, error in sorted(pipelined(daemon.socket_path, burst).items())]
-        finally:
-            redis_server.resume()
         assert codes == ["TIMEOUT"] * 2 + ["OVERLOADED"] * 8
 
         # A failing notification has no reply: only the counter (and the log) show it. The ping after

@@ -201,13 +201,10 @@ def test_unavailable_before_the_deadline_when_redis_host_does_not_answer() -> No
 
 def test_timeout_when_redis_hangs(own_redis: RedisServer) -> None:
     with running(Daemon(own_redis.url, args=["--request-timeout-ms", "300"])) as daemon:
-        own_redis.pause()
-        try:
+        with own_redis.paused():
             started = time.monotonic()
             error, _ = rpc_call(daemon.socket_path, "get_linked_pod", [NS, "alice", SVC])
             elapsed = time.monotonic() - started
-        finally:
-            own_redis.resume()
         assert error["code"] == "TIMEOUT"
         assert 0.25 < elapsed < 2.0
         # Redis back: the daemon recovers.
@@ -219,8 +216,7 @@ def test_overloaded_past_max_in_flight_without_queueing(own_redis: RedisServer) 
     args = ["--max-in-flight", "2", "--request-timeout-ms", "10000"]
     with running(Daemon(own_redis.url, args=args)) as daemon:
         c = RawConnection(daemon.socket_path)
-        own_redis.pause()
-        try:
+        with own_redis.paused():
             c.request(1, "get_linked_pod", [NS, "a", SVC])
             c.request(2, "get_linked_pod", [NS, "b", SVC])
             time.sleep(0.2)
@@ -229,8 +225,6 @@ def test_overloaded_past_max_in_flight_without_queueing(own_redis: RedisServer) 
             error, _ = c.replies(1)[3]
             assert error["code"] == "OVERLOADED"
             assert time.monotonic() - started < 1.0  # shed at once, not after a wait
-        finally:
-            own_redis.resume()
         # The two requests in flight complete normally once Redis answers.
         assert c.replies(2) == {1: (None, None), 2: (None, None)}
         assert c.call(4, "ping", []) == (None, "PONG")
@@ -244,16 +238,13 @@ def test_a_connection_past_its_own_limit_waits_and_leaves_the_budget_to_others(o
     args = ["--max-in-flight", "16", "--max-in-flight-per-connection", "4", "--request-timeout-ms", "10000"]
     with running(Daemon(own_redis.url, args=args)) as daemon:
         hog, bystander, observer = (RawConnection(daemon.socket_path) for _ in range(3))
-        own_redis.pause()
-        try:
+        with own_redis.paused():
             hog.send(*[[0, i, "get_linked_pod", [NS, f"hog{i}", SVC]] for i in range(60)])
             time.sleep(0.2)
             bystander.send(*[[0, i, "get_linked_pod", [NS, f"by{i}", SVC]] for i in range(3)])
             time.sleep(0.2)
             _, stats = observer.call(1, "stats", [])
             assert stats["in_flight"] == 4 + 3 + 1  # the hog's 4, the bystander's 3, this stats call
-        finally:
-            own_redis.resume()
         assert bystander.replies(3) == {i: (None, None) for i in range(3)}
         assert hog.replies(60) == {i: (None, None) for i in range(60)}
         # A held connection takes requests again as its calls end: a late request is served too.
@@ -266,14 +257,11 @@ def test_requests_held_back_from_a_peer_that_left_are_never_run(own_redis: Redis
     args = ["--max-in-flight-per-connection", "4", "--request-timeout-ms", "10000"]
     with running(Daemon(own_redis.url, args=args)) as daemon:
         hog = RawConnection(daemon.socket_path)
-        own_redis.pause()
-        try:
+        with own_redis.paused():
             hog.send(*[[0, i, "set_linked_pod", [NS, f"gone{i}", SVC, 1, -1]] for i in range(60)])
             time.sleep(0.2)
             hog.close()  # 4 taken (sent to the paused Redis), 56 still held back
             time.sleep(0.2)
-        finally:
-            own_redis.resume()
         client = own_redis.client()
         wait_for(lambda: len(client.keys(f"sf:{{{NS}:lk:gone*}}{SVC}")) >= 4, timeout_s=5, what="the 4 taken calls")
         time.sleep(0.3)  # what would follow them, were the held ones run
