@@ -56,7 +56,7 @@ _SWEEP_INTERVAL_S: Final = 0.01
 # The message of the cancellation the sweep sends, so a request can tell it from a shutdown's.
 _DEADLINE_PASSED: Final = "statefuld: the request's deadline passed"
 # After the drain bound: how long cancelled Tasks get to end.
-_DRAIN_CANCEL_S: Final = 2.0
+DRAIN_CANCEL_S: Final = 2.0
 
 
 class Dispatcher(Protocol):
@@ -197,7 +197,7 @@ class ServerState:
         for call in list(self.tasks):
             call.conn._expire(call, _SHUTTING_DOWN)
         if tasks:
-            await asyncio.wait(tasks, timeout=_DRAIN_CANCEL_S)
+            await asyncio.wait(tasks, timeout=DRAIN_CANCEL_S)
 
     def peer_allowed(self, uid: int, gid: int) -> bool:
         if not self.allow_uids and not self.allow_gids:

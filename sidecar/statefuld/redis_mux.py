@@ -53,7 +53,7 @@ _NOT_ENOUGH_DATA = object()
 # Half the default request deadline (2 s): when Redis's host stops answering, a caller waiting
 # on the reconnect hears UNAVAILABLE, not TIMEOUT. A URL's socket_connect_timeout overrides it.
 _DEFAULT_CONNECT_TIMEOUT_S = 1.0
-_CLOSE_TIMEOUT_S = 2.0
+CLOSE_TIMEOUT_S = 2.0  # how long close() waits for the connection to go
 # Busy polling is for a lightly loaded daemon, whose lone callers wait on a sleeping event loop;
 # with more commands than this waiting, the loop is busy anyway.
 _BUSY_POLL_MAX_WAITING = 8
@@ -353,7 +353,7 @@ class RedisMux:
         if conn is not None:
             conn.close("the Redis connection was closed by the daemon")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(conn.closed), _CLOSE_TIMEOUT_S)
+                await asyncio.wait_for(asyncio.shield(conn.closed), CLOSE_TIMEOUT_S)
 
     # --- connecting --------------------------------------------------------------------------
 

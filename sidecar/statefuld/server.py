@@ -40,8 +40,8 @@ from statefuld.errors import (
     Unavailable,
 )
 from statefuld.metrics import MetricsListener, Observer, RedisWatch, parse_addr
-from statefuld.protocol import _DRAIN_CANCEL_S, RpcProtocol, ServerState
-from statefuld.redis_mux import _CLOSE_TIMEOUT_S as _REDIS_CLOSE_TIMEOUT_S
+from statefuld.protocol import DRAIN_CANCEL_S, RpcProtocol, ServerState
+from statefuld.redis_mux import CLOSE_TIMEOUT_S as REDIS_CLOSE_TIMEOUT_S
 
 log = logging.getLogger("statefuld.server")
 
@@ -54,7 +54,7 @@ _CLOSE_TIMEOUT_S = 2.0  # after the drain: how long replies may take to leave be
 # daemon (docker stop, terminationGracePeriodSeconds, TimeoutStopSec=) must wait longer than
 # drain_timeout_s + this, or it kills a daemon that is still stopping cleanly; the deployment
 # tests check each recipe against it.
-STOP_AFTER_DRAIN_S: float = _DRAIN_CANCEL_S + _CLOSE_TIMEOUT_S + _REDIS_CLOSE_TIMEOUT_S
+STOP_AFTER_DRAIN_S: float = DRAIN_CANCEL_S + _CLOSE_TIMEOUT_S + REDIS_CLOSE_TIMEOUT_S
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _TLS_SCHEMES = ("rediss://", "rediss+sentinel://")
 
