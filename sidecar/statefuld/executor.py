@@ -399,7 +399,7 @@ class Executor:
     # --- the hot path: the command sent, no coroutine --------------------------------------------
     # The raw reply goes to ``waiter`` (then the awaitable returned is None) or, on transports
     # without execute_to, to the future returned; the second item decodes it. The server answers
-    # from there (rpc.Dispatcher.start); an error reply reaches it as a ReplyError and goes
+    # from there (rpc.Dispatcher.hot / start); an error reply reaches it as a ReplyError and goes
     # through reply_error (NOSCRIPT: the full path, which reloads the script).
 
     def begin_get_linked_pod(
