@@ -102,8 +102,8 @@ class _Call(Waiter):
                 raise value
             decode = self.decode
             result = value if decode is None else decode(value)
-        except RpcError as exc:
-            conn._done(self, exc.to_wire(), None)
+        except RpcError as rejected:
+            conn._done(self, rejected.to_wire(), None)
         except Exception as exc:
             conn._recover(self, exc)
         else:
@@ -384,8 +384,8 @@ class RpcProtocol(asyncio.Protocol):
                     return
                 if self._closing:
                     return
-        except MalformedMessage as exc:
-            self._malformed(str(exc))
+        except MalformedMessage as malformed:
+            self._malformed(str(malformed))
         except msgpack.BufferFull:
             self._malformed(f"message larger than {self._state.max_message_bytes} bytes")
         except Exception as exc:  # undecodable msgpack: FormatError, StackError, limits, unhashable keys...
@@ -528,8 +528,8 @@ class RpcProtocol(asyncio.Protocol):
             result = future.result()
             decode = call.decode
             self._done(call, None, result if decode is None else decode(result))
-        except RpcError as error:
-            self._done(call, error.to_wire(), None)
+        except RpcError as rejected:
+            self._done(call, rejected.to_wire(), None)
         except Exception as error:
             self._recover(call, error)
         if self._out and not self._flush_scheduled:
@@ -541,8 +541,8 @@ class RpcProtocol(asyncio.Protocol):
         # path, keeping the call's place and deadline), or a bug.
         try:
             retry = self._state.recover(call.method, call.params, exc)
-        except RpcError as error:
-            self._done(call, error.to_wire(), None)
+        except RpcError as rejected:
+            self._done(call, rejected.to_wire(), None)
         except Exception as error:
             self._done(call, None, None, internal=error)
         else:
