@@ -37,6 +37,7 @@ from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 import hiredis
+from mypy_extensions import mypyc_attr
 from redis.asyncio.connection import (
     AbstractConnection,
     ConnectionPool,
@@ -75,6 +76,8 @@ class ReplyError(Exception):
         return self.message.split(" ", 1)[0]
 
 
+# Compiled builds (docs/DEPLOYMENT.md): an interpreted class may subclass it, a compiled one too.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Waiter:
     """Takes a command's reply by a plain call, no future: ``reply`` runs inside the read that
     brought the reply (so its caller's answer can leave in that same loop turn) with the raw
