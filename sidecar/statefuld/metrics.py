@@ -22,7 +22,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
-from statefuld import __version__
+from statefuld import __version__, build
 
 if TYPE_CHECKING:
     from statefuld.executor import Executor
@@ -199,6 +199,7 @@ class Observer:
         transport = self._executor.transport_stats()
         return {
             "version": __version__,
+            "build": build.kind(),
             "start_time_s": self.started_at,
             "uptime_s": time.monotonic() - self._started_monotonic,
             "methods": methods,
@@ -281,8 +282,9 @@ def families(snap: dict[str, Any]) -> list[Any]:
     for name, doc, key in _COUNTERS:
         counter(name, doc, snap["counters"].get(key, 0))
     gauge("statefuld_start_time_seconds", "Start time of the daemon, seconds since the epoch.", snap["start_time_s"])
-    info = GaugeMetricFamily("statefuld_build_info", "The daemon's version (value 1).", labels=("version",))
-    info.add_metric((snap["version"],), 1)
+    info = GaugeMetricFamily("statefuld_build_info", "The daemon's version and build (value 1).",
+                             labels=("version", "build"))
+    info.add_metric((snap["version"], snap["build"]), 1)
     result.append(info)
     return result
 
@@ -375,7 +377,7 @@ def stats_table(snap: dict[str, Any], previous: dict[str, Any] | None = None, in
     uptime_s = max(float(snap.get("uptime_s", 0.0)), 1e-9)
     redis = snap.get("redis", {})
     lines = [
-        f"statefuld {snap.get('version', '?')}  up {_duration(uptime_s)}  "
+        f"statefuld {snap.get('version', '?')} ({snap.get('build', '?')})  up {_duration(uptime_s)}  "
         f"redis {'up' if redis.get('up') else 'DOWN'}  connections {snap.get('connections', 0)}  "
         f"in flight {snap.get('in_flight', 0)}",
     ]

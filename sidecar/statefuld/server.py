@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import uvloop
 
-from statefuld import __version__, systemd
+from statefuld import __version__, build, systemd
 from statefuld.config import Config
 from statefuld.embedded import EmbeddedError, EmbeddedRedis
 from statefuld.errors import (
@@ -108,7 +108,14 @@ class Server:
         self._stop_requested = asyncio.Event()
         for sig in _SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
-        log.info("statefuld %s starting (pid %d)", __version__, os.getpid(), extra={"event": "starting"})
+        kind = build.kind()
+        log.info("statefuld %s (%s) starting (pid %d)", __version__, kind, os.getpid(),
+                 extra={"event": "starting", "build": kind})
+        if kind == build.MIXED:
+            log.warning("only some of statefuld's compiled modules are compiled (%s): a stale in-place build "
+                        "beside the sources? Delete those .so files, or install the compiled wheel",
+                        ", ".join(f"{name}: {path}" for name, path in build.module_files().items()),
+                        extra={"event": "mixed_build"})
         code = EXIT_INTERNAL
         try:
             code = await self._serve()
