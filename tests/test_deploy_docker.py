@@ -35,6 +35,7 @@ dockerfile_parse = pytest.importorskip("dockerfile_parse")
 
 DOCKER_DEFAULT_STOP_TIMEOUT_S = 10  # `docker stop` without -t, and `docker run` without --stop-timeout
 BUILDER_WHEELS = "/wheels"
+COMPILE_ENV = "HATCH_BUILD_HOOK_ENABLE_MYPYC"  # enables sidecar/pyproject.toml's mypyc build hook
 
 
 @dataclasses.dataclass
@@ -101,8 +102,10 @@ def test_image_contract() -> None:
     # Builder: both packages' wheels, from the sources it copied.
     assert [v.split()[0] for v in builder.values("COPY")] == ["client_py/", "sidecar/", "lua_scripts/"]
     (wheel_step,) = builder.mirrored
-    assert shlex.split(wheel_step)[:2] == ["pip", "wheel"]
-    assert shlex.split(wheel_step)[-2:] == ["./client_py", "./sidecar"]
+    env_words, command = split_env(wheel_step)
+    assert command[:2] == ["pip", "wheel"]
+    assert command[-2:] == ["./client_py", "./sidecar"]
+    assert env_words == {COMPILE_ENV: "true"}, "the image ships the compiled build"
 
     # Runtime: only the wheels, offline; nothing from the builder is left in a layer.
     (install_step,) = runtime.mirrored
@@ -174,11 +177,22 @@ def copy_build_context(destination: Path) -> None:
             (destination / target).mkdir(parents=True)
 
 
-def run_step(step: str, *, venv: Path, wheels: Path, cwd: Path) -> None:
+def split_env(step: str) -> tuple[dict[str, str], list[str]]:
+    """A shell-form RUN value's leading NAME=value assignments, and the command after them."""
     words = [w for w in shlex.split(step) if not w.startswith("--mount=")]
+    env: dict[str, str] = {}
+    while words and "=" in words[0] and words[0].split("=", 1)[0].isidentifier():
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    return env, words
+
+
+def run_step(step: str, *, venv: Path, wheels: Path, cwd: Path) -> None:
+    env_words, words = split_env(step)
     assert words[0] == "pip"
     argv = [str(venv / "bin" / "pip"), *(w.replace(BUILDER_WHEELS, str(wheels)) for w in words[1:])]
-    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(argv, cwd=cwd, env={**os.environ, **env_words}, capture_output=True, text=True,
+                            timeout=240)
     assert result.returncode == 0, f"{step}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
 
@@ -206,10 +220,12 @@ def image_venv() -> Iterator[Path]:
 def test_image_steps_build_a_daemon_that_passes_its_healthcheck(image_venv: Path) -> None:
     (_, runtime), env = parse_stages()
     installed = subprocess.run(
-        [str(image_venv / "bin" / "python"), "-c", "import statefuld, statefuld_client; print(statefuld.__file__)"],
+        [str(image_venv / "bin" / "python"), "-c",
+         "import statefuld, statefuld_client, statefuld.build; print(statefuld.__file__, statefuld.build.kind())"],
         capture_output=True, text=True, check=True, timeout=30,
-    ).stdout
-    assert installed.startswith(str(image_venv)), "the daemon must come from the wheels, not the source tree"
+    ).stdout.split()
+    assert installed[0].startswith(str(image_venv)), "the daemon must come from the wheels, not the source tree"
+    assert installed[1] == "compiled"
 
     redis = RedisServer().start()
     run_dir = Path(short_tmpdir("sfdr-"))
