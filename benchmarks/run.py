@@ -4,7 +4,9 @@
 
 Starts a private redis-server on a Unix socket and a `statefuld serve` on it, then measures, in
 one run and interleaved (each round runs every row once, so the machine's drift hits all rows
-alike), the median over --runs rounds of:
+alike), the median over --runs rounds of the rows below. The daemon is the compiled build, the one
+the image ships (--build compiled, the default: scripts/build-compiled's wheel, installed in a
+private directory); --build interpreted measures the checkout's .py files instead.
 
 - get_linked_pod / set_linked_pod, P processes x 32 callers: statefuld (AsyncClient) against
   direct redis-py asyncio sending the very same commands to Redis (the executor's);
@@ -12,6 +14,8 @@ alike), the median over --runs rounds of:
 - one blocking caller: statefuld's Client against redis-py's blocking client, p50 and p99, with
   the daemon as configured and with a second daemon started with --busy-poll-us (default 50);
 - a mixed workload: 89% get_linked_pod, 10% set_linked_pod, 1% batch_get_linked_pod of 100 uids;
+- with the compiled build, the get/set rows also through a second daemon running the .py files
+  (the interpreted build), to show what compiling buys;
 - the same get/set rows through benchmarks/floor_sidecar.py, a sidecar that only translates: the
   most any sidecar written with this stack can reach on the machine, i.e. the ceiling of targets
   1 and 2 there (it does strictly less work than statefuld must);
@@ -32,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,12 +79,31 @@ class RssSampler:
         self._thread.join()
 
 
-def time_to_ready(redis_url: str, runs: int) -> tuple[float, float]:
+def compiled_build() -> tuple[dict[str, str], str]:
+    """scripts/build-compiled's wheel installed (without its dependencies: this environment has
+    them) in a private directory: the environment that runs it, and the directory to remove."""
+    work = short_tmpdir("sfbc-")
+    wheels, target = os.path.join(work, "wheels"), os.path.join(work, "site")
+    print("building the compiled wheel ...", flush=True)
+    subprocess.run([os.path.join(HERE, "..", "scripts", "build-compiled"), wheels], check=True, timeout=600)
+    (wheel,) = [os.path.join(wheels, name) for name in os.listdir(wheels) if name.startswith("statefuld-")]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                    "--target", target, wheel], check=True, timeout=300)
+    return {"PYTHONPATH": target}, work
+
+
+def started_build(daemon: Daemon) -> str:
+    """The build a started daemon runs, from its start-up log line ("statefuld 0.1.0 (compiled) starting")."""
+    found = re.search(r"statefuld \S+ \((\w+)\) starting", daemon.log())
+    return found.group(1) if found else "unknown"
+
+
+def time_to_ready(redis_url: str, runs: int, env: dict[str, str]) -> tuple[float, float]:
     """Median seconds from spawning `statefuld serve` to `health` answering ready; and idle RSS (MB)."""
     times = []
     idle = float("nan")
     for _ in range(runs):
-        daemon = Daemon(redis_url)
+        daemon = Daemon(redis_url, env=env)
         started = time.perf_counter()
         daemon.start(wait=False)
         assert daemon.proc is not None
@@ -175,6 +199,8 @@ class Served:
     floor_loads: dict[str, Workload]
     polling_pid: int | None
     polled: dict[str, Workload] | None
+    interpreted_pid: int | None  # the interpreted build beside the compiled one, or None
+    interpreted: dict[str, Workload] | None
 
 
 def measure_round(args: argparse.Namespace, served: Served, collected: Collected, daemon_socket: str) -> None:
@@ -197,6 +223,11 @@ def measure_round(args: argparse.Namespace, served: Served, collected: Collected
                           run_async(served.loads[op].statefuld, P, CH, warmup_s, duration_s, served.daemon_pid))
             collected.add(f"{op} floor sidecar {P}x{CH}", run_async(
                 served.floor_loads[op].statefuld, P, CH, warmup_s, duration_s, served.floor_pid))
+        if served.interpreted is not None:
+            for op in ("get_linked_pod", "set_linked_pod"):
+                for callers in (C, CH):
+                    collected.add(f"{op} statefuld interpreted {P}x{callers}", run_async(
+                        served.interpreted[op].statefuld, P, callers, warmup_s, duration_s, served.interpreted_pid))
     collected.load_rss_mb = max(collected.load_rss_mb, sampler.peak_mb)
 
 
@@ -224,18 +255,24 @@ def main() -> int:
     parser.add_argument("--daemon-arg", action="append", default=[], help="extra `statefuld serve` argument")
     parser.add_argument("--busy-poll-us", type=int, default=50,
                         help="the second daemon's --busy-poll-us, for the blocking rows (0: no such rows)")
+    parser.add_argument("--build", choices=("compiled", "interpreted"), default="compiled",
+                        help="the daemon measured: the compiled wheel (default) or the checkout's .py files")
     parser.add_argument("--markdown", help="also write the table to this file (between the RESULTS markers)")
     args = parser.parse_args()
 
+    env, build_dir = compiled_build() if args.build == "compiled" else ({}, None)
     redis_server = RedisServer(dir=short_tmpdir("sfb-")).start()
     daemon: Daemon | None = None
     polling: Daemon | None = None
+    interpreted: Daemon | None = None
     floor: subprocess.Popen[str] | None = None
     try:
         print("time to ready ...", flush=True)
-        ready_s, idle_fresh_mb = time_to_ready(redis_server.url, args.runs)
-        daemon = Daemon(redis_server.url, args=args.daemon_arg).start()
+        ready_s, idle_fresh_mb = time_to_ready(redis_server.url, args.runs, env)
+        daemon = Daemon(redis_server.url, args=args.daemon_arg, env=env).start()
         assert daemon.proc is not None
+        if started_build(daemon) != args.build:
+            raise RuntimeError(f"asked for the {args.build} build, the daemon runs {started_build(daemon)}")
         seed(daemon.socket_path)
         time.sleep(0.5)
         idle_mb = rss_mb(daemon.proc.pid)
@@ -246,10 +283,17 @@ def main() -> int:
         polled = None
         if args.busy_poll_us:
             polling = Daemon(redis_server.url,
-                             args=[*args.daemon_arg, "--busy-poll-us", str(args.busy_poll_us)]).start()
+                             args=[*args.daemon_arg, "--busy-poll-us", str(args.busy_poll_us)], env=env).start()
             polled = workloads(redis_server.socket_path, polling.socket_path)
+        interpreted_loads = None
+        if args.build == "compiled":
+            interpreted = Daemon(redis_server.url, args=args.daemon_arg).start()
+            assert interpreted.proc is not None and started_build(interpreted) == "interpreted"
+            interpreted_loads = workloads(redis_server.socket_path, interpreted.socket_path)
         served = Served(daemon.proc.pid, loads, floor.pid, floor_loads,
-                        polling.proc.pid if polling is not None and polling.proc is not None else None, polled)
+                        polling.proc.pid if polling is not None and polling.proc is not None else None, polled,
+                        interpreted.proc.pid if interpreted is not None and interpreted.proc is not None else None,
+                        interpreted_loads)
         collected = Collected()
         bench_command = loads["set_linked_pod"].benchmark_command
         for round_ in range(args.runs):
@@ -264,14 +308,36 @@ def main() -> int:
         if args.markdown:
             write_markdown(args.markdown, text)
     finally:
-        for started in (daemon, polling):
+        for started in (daemon, polling, interpreted):
             if started is not None:
                 started.cleanup()
         if floor is not None:
             floor.kill()
             floor.wait()
         redis_server.cleanup()
+        if build_dir is not None:
+            shutil.rmtree(build_dir, ignore_errors=True)
     return 0
+
+
+def reference_rows(line: Callable[..., None], args: argparse.Namespace, bench: float) -> None:
+    """The rows that put statefuld's in perspective: the floor sidecar's, and the interpreted build's."""
+    P, C, CH = args.processes, args.callers, args.callers_high
+    # The ceilings of targets 1 and 2 on this machine: the same AsyncClient through a sidecar that
+    # only translates (benchmarks/floor_sidecar.py), so does strictly less than statefuld must.
+    for op in ("get_linked_pod", "set_linked_pod"):
+        line(f"{op} floor sidecar {P}x{C}", f"{op} direct {P}x{C}", f"direct redis-py asyncio {P}x{C}",
+             "ceiling of target 1")
+    for op in ("get_linked_pod", "set_linked_pod"):
+        line(f"{op} floor sidecar {P}x{CH}", None, "redis-benchmark EVALSHA, 50 clients, -P 1", "ceiling of target 2",
+             base_ops=bench)
+    if args.build == "compiled":  # what compiling buys, side by side: the .py files' daemon
+        for op in ("get_linked_pod", "set_linked_pod"):
+            line(f"{op} statefuld interpreted {P}x{C}", f"{op} direct {P}x{C}", f"direct redis-py asyncio {P}x{C}",
+                 "reported (interpreted build)")
+        for op in ("get_linked_pod", "set_linked_pod"):
+            line(f"{op} statefuld interpreted {P}x{CH}", None, "redis-benchmark EVALSHA, 50 clients, -P 1",
+                 "reported (interpreted build)", base_ops=bench)
 
 
 def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: float, idle_fresh_mb: float,
@@ -316,14 +382,7 @@ def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: floa
         if args.busy_poll_us:
             line(f"{op} statefuld blocking 1, --busy-poll-us {args.busy_poll_us}", f"{op} direct blocking 1",
                  "redis-py blocking, 1 caller", "<= 1.2x p50", latency=True, goal=1.2)
-    # The ceilings of targets 1 and 2 on this machine: the same AsyncClient through a sidecar that
-    # only translates (benchmarks/floor_sidecar.py), so does strictly less than statefuld must.
-    for op in ("get_linked_pod", "set_linked_pod"):
-        line(f"{op} floor sidecar {P}x{C}", f"{op} direct {P}x{C}", f"direct redis-py asyncio {P}x{C}",
-             "ceiling of target 1")
-    for op in ("get_linked_pod", "set_linked_pod"):
-        line(f"{op} floor sidecar {P}x{CH}", None, "redis-benchmark EVALSHA, 50 clients, -P 1", "ceiling of target 2",
-             base_ops=bench)
+    reference_rows(line, args, bench)
     line(f"mixed statefuld {P}x{C}", f"mixed direct {P}x{C}", f"direct redis-py asyncio {P}x{C}", "reported")
     line(f"compute_linked_pod statefuld {P}x{C}", f"compute_linked_pod direct {P}x{C}",
          f"the same 3 steps with redis-py asyncio {P}x{C}", "reported (new users)")
@@ -350,6 +409,9 @@ def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: floa
             for callers in (f"{P}x{C}", f"{P}x{CH}") for op in ("get_linked_pod", "set_linked_pod")),
         f"- redis-benchmark command: `redis-benchmark -s SOCK -c 50 -n {args.benchmark_requests} -r 10000 -P 1 "
         f"{' '.join(bench_command)}` (median {bench:,.0f} ops/s)",
+        f"- statefuld rows: the {args.build} build"
+        + (" (scripts/build-compiled's wheel); the rows named interpreted: the .py files"
+           if args.build == "compiled" else " (the checkout's .py files)"),
         f"- medians of {args.runs} rounds; each row {args.duration_s}s measured after {args.warmup_s}s warm-up",
         f"- machine: {machine()}",
     ]
