@@ -154,6 +154,9 @@ class ServerState:
         self.metrics = RequestMetrics(METHODS)
         self.method_stats = self.metrics.by_method.get
         self.unknown_method_stats = self.metrics.unknown
+        # metrics.BOUNDS_S, read from here: the compiled build inlines a Final tuple, building it
+        # anew (19 floats) wherever the module constant is used.
+        self.latency_bounds_s: tuple[float, ...] = BOUNDS_S
         # Request-level log lines are debug only; decided once, not per request.
         self.log_requests = log.isEnabledFor(logging.DEBUG)
         self._last_failure_log_s = -1.0
@@ -582,7 +585,7 @@ class RpcProtocol(asyncio.Protocol):
         seconds = perf_counter() - call.started
         stats = state.method_stats(call.method, state.unknown_method_stats)
         stats.codes[code] += 1
-        stats.buckets[bisect_left(BOUNDS_S, seconds)] += 1
+        stats.buckets[bisect_left(state.latency_bounds_s, seconds)] += 1
         stats.sum_s += seconds
         if state.log_requests:
             log.debug("%s msgid=%s: %s in %.3fms", call.method, msgid, CODES[code], seconds * 1000)
