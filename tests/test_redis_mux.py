@@ -10,10 +10,14 @@ from typing import Any, TypeVar
 import pytest
 import redis
 import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import RedisServer, free_port, short_tmpdir
 
 from statefuld.errors import Unavailable
-from statefuld.redis_mux import Endpoint, RedisMux, ReplyError, Waiter
+from statefuld.executor import Executor, Keys
+from statefuld.redis_mux import BULK, Endpoint, RedisMux, ReplyError, Waiter, command_head, encode_command, encode_get
+from statefuld.scripts import Scripts, load_scripts
 
 _T = TypeVar("_T")
 
@@ -296,22 +300,75 @@ def test_waiters_get_replies_in_the_read_in_order_with_errors_and_one_flush_per_
         flushes = owner.flushes
         waiters = [_Recorder(owner, i) for i in range(6)]
         # Waiters and futures interleaved in one write: each reply reaches the one it answers.
-        assert mux.execute_to(waiters[0], ("SET", "w", "1"))
+        assert mux.execute_to(waiters[0], encode_command(("SET", "w", "1")))
         future = mux.execute("GET", "w")
-        assert mux.execute_to(waiters[1], ("GET", "w"))
-        assert mux.execute_to(waiters[2], ("EVALSHA", "0" * 40, 0))  # NOSCRIPT, as a value
-        assert mux.execute_to(waiters[3], ("INCR", "w"))
+        assert mux.execute_to(waiters[1], encode_get("w"))
+        assert mux.execute_to(waiters[2], encode_command(("EVALSHA", "0" * 40, 0)))  # NOSCRIPT, as a value
+        assert mux.execute_to(waiters[3], encode_command(("INCR", "w")))
         assert await future == b"1"
         await asyncio.sleep(0.05)
         assert (got[0], got[1], got[3]) == (b"OK", b"1", 2)
         assert isinstance(got[2], ReplyError) and got[2].code == "NOSCRIPT"
         assert 1 <= len(flushes) <= 2 and flushes[-1] == 4  # each owner once per read, after the read
         # A lost connection hands each waiter still waiting an Unavailable.
-        assert mux.execute_to(waiters[4], ("BLPOP", "nothing", 0))
+        assert mux.execute_to(waiters[4], encode_command(("BLPOP", "nothing", 0)))
         await asyncio.sleep(0.05)
         await mux.close()
         await asyncio.sleep(0.05)
         assert isinstance(got[4], Unavailable)
-        assert not mux.execute_to(waiters[5], ("PING",))  # not connected: the caller uses execute()
+        assert not mux.execute_to(waiters[5], encode_command(("PING",)))  # not connected: the caller uses execute()
 
     run(lambda: with_mux(url, body))
+
+
+# --- RESP for the hot path: the same bytes hiredis.pack_command sends ----------------------------
+
+# Any text a key can hold; lone surrogates are not text (the daemon refuses them before here).
+_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=300)
+_WORD = st.one_of(_TEXT, st.integers(min_value=-(2**63), max_value=2**63 - 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_TEXT)
+def test_encode_get_is_what_hiredis_encodes(key: str) -> None:
+    assert encode_get(key) == encode_command(("GET", key))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_WORD, min_size=1, max_size=8), st.integers(min_value=0, max_value=8))
+def test_a_command_head_and_bulks_are_what_hiredis_encodes(words: list[str | int], fixed: int) -> None:
+    fixed = min(fixed, len(words))
+    rest = [w.encode() if isinstance(w, str) else b"%d" % w for w in words[fixed:]]
+    encoded = command_head(len(words), *words[:fixed]) + b"".join(BULK % (len(data), data) for data in rest)
+    assert encoded == encode_command(tuple(words))
+
+
+class _Recording:
+    """A one-node transport that only records what the executor hands its execute_to."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def execute_to(self, waiter: Waiter, command: bytes) -> bool:
+        self.sent.append(command)
+        return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(ns=_TEXT.filter(bool), uid=_TEXT.filter(bool), service=_TEXT.filter(bool),
+       pod_id=st.integers(min_value=0, max_value=2**31 - 1),
+       persist_seconds=st.one_of(st.just(-1), st.integers(min_value=1, max_value=2**31 - 1)))
+def test_the_executor_sends_the_hot_commands_as_hiredis_would(ns: str, uid: str, service: str, pod_id: int,
+                                                              persist_seconds: int) -> None:
+    scripts = Scripts(load_scripts())
+    transport = _Recording()
+    executor = Executor(transport, scripts, Keys("sf"))  # type: ignore[arg-type]
+    waiter = Waiter()
+    executor.begin_get_linked_pod(ns, uid, service, waiter)
+    executor.begin_set_linked_pod(ns, uid, service, pod_id, persist_seconds, waiter)
+    keys = Keys("sf")
+    assert transport.sent == [
+        encode_command(("GET", keys.link(ns, uid, service))),
+        encode_command(("EVALSHA", scripts["set_linked_pod"].sha, 2, keys.link_hash(ns, uid),
+                        keys.link(ns, uid, service), service, pod_id, persist_seconds)),
+    ]

@@ -15,11 +15,11 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from statefuld.config import Config
 from statefuld.errors import Internal, Unavailable
-from statefuld.redis_mux import Endpoint, RedisMux, ReplyError, Waiter
+from statefuld.redis_mux import BULK, Endpoint, RedisMux, ReplyError, Waiter, command_head, encode_get
 from statefuld.scripts import Scripts, load_scripts
 from statefuld.topology import ClusterTransport, SentinelTransport, SentinelUrl, detect_cluster, is_sentinel_url
 
@@ -101,6 +101,8 @@ def _text(raw: bytes) -> str:
 
 
 MAX_POD_ID = 2**31 - 1
+# The five words a set_linked_pod adds to its EVALSHA head (redis_mux, "RESP for the hot path").
+_FIVE_BULKS: Final = BULK * 5
 
 
 def _is_pod_id(raw: bytes) -> bool:
@@ -210,9 +212,11 @@ class Executor:
     ) -> None:
         self._redis = transport
         # A transport with one node can hand a reply to a redis_mux.Waiter (no future): it has
-        # execute_to(waiter, args), RedisMux.execute_to.
-        self._execute_to: Callable[[Waiter, tuple[Any, ...]], bool] | None = getattr(transport, "execute_to", None)
+        # execute_to(waiter, command), RedisMux.execute_to, which takes the command in RESP.
+        self._execute_to: Callable[[Waiter, bytes], bool] | None = getattr(transport, "execute_to", None)
         self._set_linked_pod_sha = scripts["set_linked_pod"].sha
+        # EVALSHA sha 2 hash_key key service pod_id persist_seconds: the first three words, encoded once.
+        self._set_linked_pod_head = command_head(8, "EVALSHA", self._set_linked_pod_sha, 2)
         self._scripts = scripts
         self.keys = keys
         self._routable_states = tuple(routable_states)
@@ -406,7 +410,7 @@ class Executor:
         self, ns: str, uid: str, service: str, waiter: Waiter | None = None
     ) -> tuple[Awaitable[Any] | None, Callable[[Any], Any]]:
         key = self.keys.link(ns, uid, service)
-        if waiter is not None and self._execute_to is not None and self._execute_to(waiter, ("GET", key)):
+        if waiter is not None and self._execute_to is not None and self._execute_to(waiter, encode_get(key)):
             return None, _pod_id
         return self._redis.execute(key, "GET", key), _pod_id
 
@@ -414,10 +418,13 @@ class Executor:
         self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int, waiter: Waiter | None = None
     ) -> tuple[Awaitable[Any] | None, Callable[[Any], Any]]:
         hash_key, key = self._link_keys(ns, uid, service)
-        args = ("EVALSHA", self._set_linked_pod_sha, 2, hash_key, key, service, pod_id, persist_seconds)
-        if waiter is not None and self._execute_to is not None and self._execute_to(waiter, args):
-            return None, self._decode_previous
-        return self._redis.execute(hash_key, *args), self._decode_previous
+        if waiter is not None and self._execute_to is not None:
+            h, k, s, p, t = hash_key.encode(), key.encode(), service.encode(), b"%d" % pod_id, b"%d" % persist_seconds
+            command = self._set_linked_pod_head + _FIVE_BULKS % (len(h), h, len(k), k, len(s), s, len(p), p, len(t), t)
+            if self._execute_to(waiter, command):
+                return None, self._decode_previous
+        return self._redis.execute(hash_key, "EVALSHA", self._set_linked_pod_sha, 2, hash_key, key, service, pod_id,
+                                   persist_seconds), self._decode_previous
 
     @staticmethod
     def reply_error(exc: ReplyError) -> Exception:
