@@ -419,6 +419,7 @@ class Executor:
     ) -> tuple[Awaitable[Any] | None, Callable[[Any], Any]]:
         hash_key, key = self._link_keys(ns, uid, service)
         if waiter is not None and self._execute_to is not None:
+            # The head (EVALSHA sha 2) is encoded once; the five words after it, one BULK each.
             h, k, s, p, t = hash_key.encode(), key.encode(), service.encode(), b"%d" % pod_id, b"%d" % persist_seconds
             command = self._set_linked_pod_head + _FIVE_BULKS % (len(h), h, len(k), k, len(s), s, len(p), p, len(t), t)
             if self._execute_to(waiter, command):
