@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, HERE)
 
 import redis  # noqa: E402
-from load import Sample, run_async, run_sync  # noqa: E402
+from load import AsyncSetup, Sample, run_async, run_sync  # noqa: E402
 from support import Daemon, RedisServer, rpc_call, short_tmpdir  # noqa: E402
 from workloads import SET_SCRIPT, Workload, refresh_pods, script_sha, seed, workloads  # noqa: E402
 
@@ -203,31 +203,46 @@ class Served:
     interpreted: dict[str, Workload] | None
 
 
-def measure_round(args: argparse.Namespace, served: Served, collected: Collected, daemon_socket: str) -> None:
-    """One round of the concurrent rows, the daemon's RSS sampled meanwhile."""
+def measure_round(args: argparse.Namespace, served: Served, collected: Collected, daemon_socket: str,
+                  round_: int) -> None:
+    """One round of the concurrent rows, the daemon's RSS sampled meanwhile. Odd rounds run the
+    rows in reverse order: a row that always ran first (after the blocking rows' idle machine)
+    or last would carry that place's luck into every round."""
     P, C, CH = args.processes, args.callers, args.callers_high
     warmup_s, duration_s = args.warmup_s, args.duration_s
-    with RssSampler(served.daemon_pid) as sampler:
-        for op in ("get_linked_pod", "set_linked_pod", "mixed", "compute_linked_pod"):
-            if op == "compute_linked_pod":
-                refresh_pods(daemon_socket)  # reports must stay fresher than --load-stale-ms
-            load = served.loads[op]
-            collected.add(f"{op} statefuld {P}x{C}",
-                          run_async(load.statefuld, P, C, warmup_s, duration_s, served.daemon_pid))
-            collected.add(f"{op} direct {P}x{C}", run_async(load.direct, P, C, warmup_s, duration_s))
-            if op in served.floor_loads:
-                collected.add(f"{op} floor sidecar {P}x{C}", run_async(
-                    served.floor_loads[op].statefuld, P, C, warmup_s, duration_s, served.floor_pid))
+
+    def row(name: str, setup: AsyncSetup, callers: int, server_pid: int | None = None
+            ) -> tuple[str, Callable[[], Sample]]:
+        return name, lambda: run_async(setup, P, callers, warmup_s, duration_s, server_pid)
+
+    def fresh_pods_then(name: str, setup: AsyncSetup, server_pid: int | None = None
+                        ) -> tuple[str, Callable[[], Sample]]:
+        def measure() -> Sample:
+            refresh_pods(daemon_socket)  # reports must stay fresher than --load-stale-ms
+            return run_async(setup, P, C, warmup_s, duration_s, server_pid)
+        return name, measure
+
+    rows: list[tuple[str, Callable[[], Sample]]] = []
+    for op in ("get_linked_pod", "set_linked_pod", "mixed"):
+        load = served.loads[op]
+        rows += [row(f"{op} statefuld {P}x{C}", load.statefuld, C, served.daemon_pid),
+                 row(f"{op} direct {P}x{C}", load.direct, C)]
+        if op in served.floor_loads:
+            rows.append(row(f"{op} floor sidecar {P}x{C}", served.floor_loads[op].statefuld, C, served.floor_pid))
+    compute = served.loads["compute_linked_pod"]
+    rows += [fresh_pods_then(f"compute_linked_pod statefuld {P}x{C}", compute.statefuld, served.daemon_pid),
+             fresh_pods_then(f"compute_linked_pod direct {P}x{C}", compute.direct)]
+    for op in ("get_linked_pod", "set_linked_pod"):
+        rows += [row(f"{op} statefuld {P}x{CH}", served.loads[op].statefuld, CH, served.daemon_pid),
+                 row(f"{op} floor sidecar {P}x{CH}", served.floor_loads[op].statefuld, CH, served.floor_pid)]
+    if served.interpreted is not None:
         for op in ("get_linked_pod", "set_linked_pod"):
-            collected.add(f"{op} statefuld {P}x{CH}",
-                          run_async(served.loads[op].statefuld, P, CH, warmup_s, duration_s, served.daemon_pid))
-            collected.add(f"{op} floor sidecar {P}x{CH}", run_async(
-                served.floor_loads[op].statefuld, P, CH, warmup_s, duration_s, served.floor_pid))
-        if served.interpreted is not None:
-            for op in ("get_linked_pod", "set_linked_pod"):
-                for callers in (C, CH):
-                    collected.add(f"{op} statefuld interpreted {P}x{callers}", run_async(
-                        served.interpreted[op].statefuld, P, callers, warmup_s, duration_s, served.interpreted_pid))
+            for callers in (C, CH):
+                rows.append(row(f"{op} statefuld interpreted {P}x{callers}", served.interpreted[op].statefuld,
+                                callers, served.interpreted_pid))
+    with RssSampler(served.daemon_pid) as sampler:
+        for name, measure in rows if round_ % 2 == 0 else rows[::-1]:
+            collected.add(name, measure())
     collected.load_rss_mb = max(collected.load_rss_mb, sampler.peak_mb)
 
 
@@ -298,7 +313,7 @@ def main() -> int:
         bench_command = loads["set_linked_pod"].benchmark_command
         for round_ in range(args.runs):
             print(f"round {round_ + 1}/{args.runs}", flush=True)
-            measure_round(args, served, collected, daemon.socket_path)
+            measure_round(args, served, collected, daemon.socket_path, round_)
             ops = redis_benchmark(redis_server.socket_path, bench_command, 50, args.benchmark_requests)
             collected.benchmark_ops.append(ops)
             print(f"  redis-benchmark 50 clients: {ops:,.0f} ops/s", flush=True)
