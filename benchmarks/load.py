@@ -195,7 +195,7 @@ def _collect(targets: list[tuple[Callable[..., None], tuple[Any, ...]]], barrier
     server_cpu = float("nan")
     if server_pid is not None:
         # This process is the barrier's last party: the window opens when it passes, and the
-        # server's CPU is read at both ends of the window (clock-tick resolution: 10 ms).
+        # server's CPU is read at both ends of the window (the scheduler's runtime, cpu_s).
         try:
             barrier.wait(timeout=timeout_s)
         except threading.BrokenBarrierError:

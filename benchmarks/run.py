@@ -93,9 +93,11 @@ def compiled_build() -> tuple[dict[str, str], str]:
 
 
 def started_build(daemon: Daemon) -> str:
-    """The build a started daemon runs, from its start-up log line ("statefuld 0.1.0 (compiled) starting")."""
-    found = re.search(r"statefuld \S+ \((\w+)\) starting", daemon.log())
-    return found.group(1) if found else "unknown"
+    """The build a started daemon runs, as its `stats` reports it (compiled, interpreted, mixed)."""
+    error, stats = rpc_call(daemon.socket_path, "stats", [])
+    if error is not None:
+        raise RuntimeError(f"stats failed: {error}")
+    return str(stats["build"])
 
 
 def time_to_ready(redis_url: str, runs: int, env: dict[str, str]) -> tuple[float, float]:

@@ -15,9 +15,12 @@ import tomllib
 import types
 
 import pytest
+import uvloop
 from support import REPO, Daemon, rpc_call
 
 from statefuld import build
+from statefuld.config import Config
+from statefuld.server import Server
 
 EXPECTED = os.environ.get("STATEFULD_TEST_BUILD", build.INTERPRETED)
 
@@ -88,14 +91,9 @@ def test_kind_names_what_was_loaded(monkeypatch: pytest.MonkeyPatch, suffixes: t
 
 def test_a_mixed_build_is_logged_as_a_warning_at_start(monkeypatch: pytest.MonkeyPatch,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    from statefuld.config import Config
-    from statefuld.server import Server
-
     monkeypatch.setattr(build, "kind", lambda: build.MIXED)
     config = Config(redis_url="redis://127.0.0.1:1/0", socket_path="/nonexistent-dir/x.sock",
                     startup_timeout_s=0.2)
     with caplog.at_level(logging.INFO, logger="statefuld.server"):
-        import uvloop
-
         uvloop.run(Server(config).serve())
     assert any(r.levelno == logging.WARNING and "stale in-place build" in r.getMessage() for r in caplog.records)

@@ -3,10 +3,10 @@
 Why not redis-py on the hot path: redis-py sends a command and awaits its reply on a connection
 taken from a pool, so N concurrent requests cost N round trips and N syscall pairs, and its
 per-call Python overhead (pool checkout, retry wrapper, response callbacks) dominates a one-key
-script. Here every caller of a turn appends its RESP-encoded command (``hiredis.pack_command``)
-to one buffer, one ``transport.write`` sends them all, and ``hiredis.Reader`` parses the replies,
-which Redis returns in order, so the N-th reply answers the N-th queued future (docs/BENCHMARKS.md
-has the measured comparison).
+script. Here every caller of a turn appends its RESP-encoded command (``encode_command``, or one
+of the hot path's own encoders below) to one buffer, one ``transport.write`` sends them all, and
+``hiredis.Reader`` parses the replies, which Redis returns in order, so the N-th reply answers the
+N-th queued future (docs/BENCHMARKS.md has the measured comparison).
 
 redis-py still owns everything that is not the hot path: URL parsing, TLS settings, credentials
 (``Endpoint.from_url`` / ``Endpoint.from_redis_connection`` read a redis-py connection object's
@@ -201,7 +201,7 @@ class _Connection(asyncio.Protocol):
     def send(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         # Encode before queueing: an argument of a type RESP cannot carry raises here, in the
         # caller, and never leaves a future without a command behind it.
-        data = hiredis.pack_command(args)
+        data = encode_command(args)
         future = self._loop.create_future()
         if self.lost_reason is not None:
             future.set_exception(Unavailable(self.lost_reason))
@@ -346,10 +346,9 @@ class RedisMux:
         conn = self._conn
         if conn is None:
             return False
-        data = command
         if conn.lost_reason is not None:
             raise Unavailable(conn.lost_reason)
-        conn._out.append(data)
+        conn._out.append(command)
         conn._waiting.append(waiter)
         if not conn._flush_scheduled:
             conn._flush_scheduled = True
