@@ -16,7 +16,17 @@ from support import RedisServer, free_port, short_tmpdir
 
 from statefuld.errors import Unavailable
 from statefuld.executor import Executor, Keys
-from statefuld.redis_mux import BULK, Endpoint, RedisMux, ReplyError, Waiter, command_head, encode_command, encode_get
+from statefuld.redis_mux import (
+    CRLF,
+    Endpoint,
+    RedisMux,
+    ReplyError,
+    Waiter,
+    bulk_head,
+    command_head,
+    encode_command,
+    encode_get,
+)
 from statefuld.scripts import Scripts, load_scripts
 
 _T = TypeVar("_T")
@@ -339,8 +349,16 @@ def test_encode_get_is_what_hiredis_encodes(key: str) -> None:
 def test_a_command_head_and_bulks_are_what_hiredis_encodes(words: list[str | int], fixed: int) -> None:
     fixed = min(fixed, len(words))
     rest = [w.encode() if isinstance(w, str) else b"%d" % w for w in words[fixed:]]
-    encoded = command_head(len(words), *words[:fixed]) + b"".join(BULK % (len(data), data) for data in rest)
+    encoded = command_head(len(words), *words[:fixed]) + b"".join(bulk_head(len(data)) + data + CRLF for data in rest)
     assert encoded == encode_command(tuple(words))
+
+
+@pytest.mark.parametrize("size", [0, 1, 9, 10, 255, 256, 257, 1000, 70000])
+def test_a_key_of_any_length_is_encoded_as_hiredis_would(size: int) -> None:
+    # Lengths below 256 come from a table, longer ones are formatted: both sides of the seam.
+    key = "k" * size
+    assert encode_get(key) == encode_command(("GET", key))
+    assert command_head(3, "SET", key) + bulk_head(size) + key.encode() + CRLF == encode_command(("SET", key, key))
 
 
 class _Recording:

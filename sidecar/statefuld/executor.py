@@ -19,7 +19,7 @@ from typing import Any, Final, Protocol
 
 from statefuld.config import Config
 from statefuld.errors import Internal, Unavailable
-from statefuld.redis_mux import BULK, Endpoint, RedisMux, ReplyError, Waiter, command_head, encode_get
+from statefuld.redis_mux import CRLF, Endpoint, RedisMux, ReplyError, Waiter, bulk_head, command_head, encode_get
 from statefuld.scripts import Scripts, load_scripts
 from statefuld.topology import ClusterTransport, SentinelTransport, SentinelUrl, detect_cluster, is_sentinel_url
 
@@ -101,31 +101,44 @@ def _text(raw: bytes) -> str:
 
 
 MAX_POD_ID = 2**31 - 1
-# The five words a set_linked_pod adds to its EVALSHA head (redis_mux, "RESP for the hot path").
-_FIVE_BULKS: Final = BULK * 5
+
+
+# The ids pods have in practice (StatefulSet ordinals, small indices) as Redis returns them: a
+# get_linked_pod's reply is decoded with one dict lookup instead of isdigit() and int().
+_SMALL_POD_IDS: Final[dict[bytes, int]] = {b"%d" % pod: pod for pod in range(1024)}
+
+
+def _parse_pod_id(raw: bytes) -> int | None:
+    """The pod id a stored value holds, or None if it holds something else."""
+    pod = _SMALL_POD_IDS.get(raw)
+    # bytes.isdigit() is ASCII digits only. Larger ids are another tool's data, not pods (and
+    # msgpack cannot carry every such integer in a reply).
+    if pod is None and raw.isdigit():
+        pod = int(raw)
+        if pod > MAX_POD_ID:
+            return None
+    return pod
 
 
 def _is_pod_id(raw: bytes) -> bool:
-    # bytes.isdigit() is ASCII digits only. Larger ids are another tool's data, not pods (and
-    # msgpack cannot carry every such integer in a reply).
-    return raw.isdigit() and int(raw) <= MAX_POD_ID
+    return _parse_pod_id(raw) is not None
 
 
 def _pod_id(raw: bytes | None) -> int | None:
     if raw is None:
         return None
-    if raw.isdigit():
-        pod = int(raw)
-        if pod <= MAX_POD_ID:
-            return pod
-    raise Internal(f"a stored pod id is not a decimal integer in 0..{MAX_POD_ID}")
+    pod = _parse_pod_id(raw)
+    if pod is None:
+        raise Internal(f"a stored pod id is not a decimal integer in 0..{MAX_POD_ID}")
+    return pod
 
 
 def _held_pod_id(raw: bytes) -> int:
     """The link that made a script refuse (it wrote nothing). A value that is not a pod id
     (another tool's data) still holds the user, but cannot be answered as one."""
-    if _is_pod_id(raw):
-        return int(raw)
+    pod = _parse_pod_id(raw)
+    if pod is not None:
+        return pod
     raise Internal(
         f"the user's link holds a value that is not a decimal pod id in 0..{MAX_POD_ID} "
         "(another tool's data?); the link was not changed"
@@ -361,8 +374,9 @@ class Executor:
         # logged (it may be user data), and only once, so a migration cannot flood the log.
         if raw is None:
             return None
-        if _is_pod_id(raw):
-            return int(raw)
+        pod = _parse_pod_id(raw)
+        if pod is not None:
+            return pod
         if not self._warned_unreadable_previous:
             self._warned_unreadable_previous = True
             log.warning(
@@ -419,9 +433,11 @@ class Executor:
     ) -> tuple[Awaitable[Any] | None, Callable[[Any], Any]]:
         hash_key, key = self._link_keys(ns, uid, service)
         if waiter is not None and self._execute_to is not None:
-            # The head (EVALSHA sha 2) is encoded once; the five words after it, one BULK each.
+            # The head (EVALSHA sha 2) is encoded once; the five words after it, one bulk each,
+            # in one join (redis_mux, "RESP for the hot path").
             h, k, s, p, t = hash_key.encode(), key.encode(), service.encode(), b"%d" % pod_id, b"%d" % persist_seconds
-            command = self._set_linked_pod_head + _FIVE_BULKS % (len(h), h, len(k), k, len(s), s, len(p), p, len(t), t)
+            command = b"".join((self._set_linked_pod_head, bulk_head(len(h)), h, CRLF, bulk_head(len(k)), k, CRLF,
+                                bulk_head(len(s)), s, CRLF, bulk_head(len(p)), p, CRLF, bulk_head(len(t)), t, CRLF))
             if self._execute_to(waiter, command):
                 return None, self._decode_previous
         return self._redis.execute(hash_key, "EVALSHA", self._set_linked_pod_sha, 2, hash_key, key, service, pod_id,

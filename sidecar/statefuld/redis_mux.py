@@ -79,28 +79,37 @@ class ReplyError(Exception):
 # --- RESP for the hot path ------------------------------------------------------------------
 # hiredis.pack_command formats every length with sprintf: for a get_linked_pod it was the largest
 # single cost in the daemon (callgrind: 3.3k of 23.8k instructions per request in the compiled
-# build, 1.6k of 37.3k interpreted). The hot commands are encoded with one bytes format instead;
-# tests/test_redis_mux.py checks every encoder here against hiredis.pack_command.
+# build, 1.6k of 37.3k interpreted). The hot commands are put together from ready-made pieces
+# instead; tests/test_redis_mux.py checks every encoder here against hiredis.pack_command.
 
 encode_command = hiredis.pack_command  # any command: a tuple of str, bytes, int or float
 
-BULK: Final = b"$%d\r\n%b\r\n"  # one bulk string: its length in bytes, then the bytes
-_GET: Final = b"*2\r\n$3\r\nGET\r\n" + BULK
+CRLF: Final = b"\r\n"
+_GET_HEAD: Final = b"*2\r\n$3\r\nGET\r\n"
+# "$<n>\r\n" for every length a key of the hot path has in practice, made once: even a bytes
+# format (b"$%d\r\n%b\r\n") cost as much as the rest of encoding a GET.
+_BULK_HEADS: Final[list[bytes]] = [b"$%d\r\n" % size for size in range(256)]
+
+
+def bulk_head(size: int) -> bytes:
+    """``$<size>\r\n``: what comes before a bulk string of ``size`` bytes (then the bytes, CRLF)."""
+    return _BULK_HEADS[size] if size < 256 else b"$%d\r\n" % size
 
 
 def encode_get(key: str) -> bytes:
     """``GET key``."""
     data = key.encode()
-    return _GET % (len(data), data)
+    return _GET_HEAD + bulk_head(len(data)) + data + CRLF
 
 
 def command_head(words: int, *fixed: str | int) -> bytes:
     """The start of a command of ``words`` words whose first ones are ``fixed`` (say EVALSHA, a
-    script's sha and its key count): a hot command's encoder appends the others as BULKs."""
+    script's sha and its key count): a hot command's encoder appends the others, each as
+    ``bulk_head(len(data)), data, CRLF``."""
     head = [b"*%d\r\n" % words]
     for word in fixed:
         data = word.encode() if isinstance(word, str) else b"%d" % word
-        head.append(BULK % (len(data), data))
+        head += (bulk_head(len(data)), data, CRLF)
     return b"".join(head)
 
 
