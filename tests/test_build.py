@@ -73,14 +73,18 @@ def test_the_checker_finds_a_name_bound_to_two_types() -> None:
     assert _except_names_bound_to_two_types(source) == ["f: exc ['Exception', 'KeyError']"]
 
 
+_SO = ".cpython-311-x86_64-linux-gnu.so"
+_MODULES = len(build.COMPILED_MODULES)
+
+
 @pytest.mark.parametrize(("suffixes", "expected"), [
-    ((".py",) * 5, build.INTERPRETED),
-    ((".cpython-311-x86_64-linux-gnu.so",) * 5, build.COMPILED),
-    ((".py", ".py", ".cpython-311-x86_64-linux-gnu.so", ".py", ".py"), build.MIXED),
+    ((".py",) * _MODULES, build.INTERPRETED),
+    ((_SO,) * _MODULES, build.COMPILED),
+    ((".py", _SO) + (".py",) * (_MODULES - 2), build.MIXED),
 ])
 def test_kind_names_what_was_loaded(monkeypatch: pytest.MonkeyPatch, suffixes: tuple[str, ...],
                                     expected: str) -> None:
-    monkeypatch.setattr("importlib.machinery.EXTENSION_SUFFIXES", [".cpython-311-x86_64-linux-gnu.so", ".so"])
+    monkeypatch.setattr("importlib.machinery.EXTENSION_SUFFIXES", [_SO, ".so"])
     for name, suffix in zip(build.COMPILED_MODULES, suffixes, strict=True):
         module = types.ModuleType(name)
         module.__file__ = "/somewhere/" + name.replace(".", "/") + suffix

@@ -9,12 +9,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import Daemon, RedisServer, running, wait_for
 from test_protocol import RawConnection, link_key
+
+from statefuld.protocol import encode_small_reply
 
 NS, SVC = "game", "lobby"
 
@@ -89,6 +94,40 @@ def test_each_request_of_a_pipelined_batch_gets_its_own_error(daemon: Daemon, re
     assert "pod_id" in replies[3][0]["message"] and "uid" in replies[4][0]["message"]
     assert "ns" in replies[8][0]["message"]
     assert 0 < redis_db.ttl(link_key("dave")) <= 30
+
+
+# Where a msgid's MessagePack form changes size, and the results around the one-byte replies.
+_EDGE_MSGIDS = [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1]
+_EDGE_PODS = [None, 0, 127, 128, 255, 65536, 2**31 - 1]
+
+
+def test_replies_are_exact_at_every_msgid_and_pod_id_size(daemon: Daemon, redis_db: redis.Redis) -> None:
+    for pod in _EDGE_PODS:
+        if pod is not None:
+            redis_db.set(link_key(f"p{pod}"), str(pod))
+    c = RawConnection(daemon.socket_path)
+    try:
+        for msgid in _EDGE_MSGIDS:
+            for pod in _EDGE_PODS:
+                assert c.call(msgid, "get_linked_pod", [NS, f"p{pod}", SVC]) == (None, pod), (msgid, pod)
+        # The previous pod of set_linked_pod, small and large; a result that is not an int.
+        assert c.call(2**32 - 1, "set_linked_pod", [NS, "p127", SVC, 128, -1]) == (None, 127)
+        assert c.call(300, "set_linked_pod", [NS, "p127", SVC, 5, -1]) == (None, 128)
+        assert c.call(70000, "ping", []) == (None, "PONG")
+    finally:
+        c.close()
+
+
+@settings(max_examples=500, deadline=None)
+@given(msgid=st.one_of(st.sampled_from(_EDGE_MSGIDS), st.integers(min_value=0, max_value=2**32 - 1)),
+       result=st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**40), max_value=2**40), st.text(max_size=3),
+                        st.floats(allow_nan=False)))
+def test_the_one_byte_replies_are_what_msgpack_encodes(msgid: int, result: Any) -> None:
+    encoded = encode_small_reply(msgid, result)
+    if result is None or (type(result) is int and 0 <= result < 128):
+        assert encoded == msgpack.packb([1, msgid, None, result])
+    else:
+        assert encoded is None  # Packer.pack encodes it
 
 
 def test_noscript_on_the_hot_path_reloads_and_answers(daemon: Daemon, redis_db: redis.Redis) -> None:

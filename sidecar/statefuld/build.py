@@ -16,6 +16,7 @@ from typing import Final
 # The modules the compiled build compiles: sidecar/pyproject.toml's mypyc hook names the same
 # files (tests/test_build.py holds the two lists together).
 COMPILED_MODULES: Final = (
+    "statefuld.counters",
     "statefuld.errors",
     "statefuld.executor",
     "statefuld.protocol",

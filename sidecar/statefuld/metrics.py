@@ -1,8 +1,8 @@
-"""What the daemon counts, how it watches Redis, and how both are shown: the `stats` method's map
-and the Prometheus exposition (docs/OPERATIONS.md, "Observability", lists every metric).
+"""How the daemon watches Redis, and how its counts (counters.py) and the rest of its state are
+shown: the `stats` method's map and the Prometheus exposition (docs/OPERATIONS.md, "Observability", lists every metric).
 
-The hot path pays only for plain ints: ``RequestMetrics`` keeps, per method, a list of counts by
-outcome code and a list of latency bucket counts, incremented in place (no prometheus_client
+The hot path pays only for plain ints: ``counters.RequestMetrics`` keeps, per method, a list of
+counts by outcome code and a list of latency bucket counts, incremented in place (no prometheus_client
 object, no label lookup per request). ``Observer.snapshot`` reads them with the rest of the daemon's
 state on the event loop; the Prometheus collector asks the loop for one snapshot per scrape, so the
 numbers of one scrape agree with each other.
@@ -18,11 +18,10 @@ import concurrent.futures
 import ipaddress
 import logging
 import time
-from bisect import bisect_left
-from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from statefuld import __version__, build
+from statefuld.counters import BOUNDS_S, CODES, OK
 
 if TYPE_CHECKING:
     from statefuld.executor import Executor
@@ -30,69 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("statefuld.metrics")
 
-# Outcome codes, "OK" first; the wire's error codes after it (docs/PROTOCOL.md).
-CODES: Final = ("OK", "INVALID_ARGUMENT", "UNKNOWN_METHOD", "UNAVAILABLE", "TIMEOUT", "OVERLOADED", "INTERNAL")
-CODE_INDEX: Final = {code: i for i, code in enumerate(CODES)}
-OK: Final = 0
-INTERNAL: Final = CODE_INDEX["INTERNAL"]
-OVERLOADED: Final = CODE_INDEX["OVERLOADED"]
-# Calls whose method is not in the table are counted under this one name, so a client sending
-# made-up names cannot create unbounded label values.
-UNKNOWN_METHOD_LABEL: Final = "unknown"
-
-# Upper bounds (seconds) of the latency buckets; one more bucket (+Inf) follows. A get_linked_pod
-# takes tens of microseconds in the daemon when idle, about a millisecond under heavy load.
-BOUNDS_S: Final = (
-    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
-)
-
 REDIS_CHECK_INTERVAL_S: Final = 1.0
 _SCRAPE_TIMEOUT_S: Final = 5.0
-
-
-class MethodStats:
-    """One method's counts: ``codes[i]`` calls ended with CODES[i]; ``buckets[i]`` calls that were
-    executed took at most BOUNDS_S[i] (the last bucket: longer); ``sum_s`` their total time."""
-
-    __slots__ = ("buckets", "codes", "sum_s")
-
-    def __init__(self) -> None:
-        self.codes = [0] * len(CODES)
-        self.buckets = [0] * (len(BOUNDS_S) + 1)
-        self.sum_s = 0.0
-
-    def done(self, code: int, seconds: float) -> None:
-        """An executed call ended (the hot path: a few int increments)."""
-        self.codes[code] += 1
-        self.buckets[bisect_left(BOUNDS_S, seconds)] += 1
-        self.sum_s += seconds
-
-
-class RequestMetrics:
-    """Per-method counts of every call (requests and notifications). Calls refused before they
-    run (bad arguments, unknown method, shed) are counted by ``count``; calls that ran, whatever
-    their outcome, by ``done`` with their latency, from the read that brought them to the reply
-    being queued."""
-
-    def __init__(self, method_names: Iterable[str]) -> None:
-        self.by_method: dict[str, MethodStats] = {name: MethodStats() for name in method_names}
-        self.unknown = MethodStats()
-
-    def done(self, method: str, code: int, seconds: float) -> None:
-        # protocol.RpcProtocol._done inlines this (and MethodStats.done) for speed: keep them alike.
-        self.by_method.get(method, self.unknown).done(code, seconds)
-
-    def count(self, method: str, code: int) -> None:
-        self.by_method.get(method, self.unknown).codes[code] += 1
-
-    def items(self) -> Iterator[tuple[str, MethodStats]]:
-        yield from self.by_method.items()
-        yield UNKNOWN_METHOD_LABEL, self.unknown
-
-
-def code_index(error: dict[str, str]) -> int:
-    return CODE_INDEX.get(error.get("code", "INTERNAL"), INTERNAL)
 
 
 def quantile_ms(buckets: list[int], q: float, bounds_s: tuple[float, ...] | list[float] = BOUNDS_S) -> float | None:
