@@ -24,7 +24,8 @@ UNKNOWN_METHOD_LABEL: Final = "unknown"
 # Upper bounds (seconds) of the latency buckets; one more bucket (+Inf) follows. A get_linked_pod
 # takes tens of microseconds in the daemon when idle, about a millisecond under heavy load.
 # Typed as a tuple of any length: for a fixed-length tuple of floats the compiled build keeps 18
-# unboxed doubles, and its check that they were set is inverted (a NameError at every read).
+# unboxed doubles, and its check that they were set is inverted, a NameError at every read
+# (mypyc/mypyc#1183, open).
 BOUNDS_S: Final[tuple[float, ...]] = (
     0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0,
