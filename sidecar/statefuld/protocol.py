@@ -179,7 +179,7 @@ class ServerState:
         self.closed_malformed = 0
         self.connections_accepted = 0
         self.connections_refused = 0
-        # Per method and outcome, with latencies (metrics.py exports them; no prometheus here).
+        # Per method and outcome, with latencies (counters.py; metrics.py shows them).
         self.metrics = RequestMetrics(METHODS)
         # Request-level log lines are debug only; decided once, not per request.
         self.log_requests = log.isEnabledFor(logging.DEBUG)
