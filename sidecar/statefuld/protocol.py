@@ -51,8 +51,8 @@ _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 # A reply whose result msgpack writes in one byte (nil, or an int in 0..127: the pod ids the hot
 # methods answer, in practice), by the msgid's size: positive fixint, uint 8, uint 16, uint 32.
-# One struct.pack instead of a list and Packer.pack: it was a tenth of a get_linked_pod's cost in
-# the compiled daemon (tests/test_protocol_unit.py checks every form against msgpack).
+# One struct.pack instead of a list and Packer.pack, which were a tenth of a get_linked_pod's cost
+# in the compiled daemon (tests/test_hot_path.py checks every form against msgpack).
 _FIXARRAY_4: Final = 0x94
 _NIL: Final = 0xC0
 _SMALL_REPLY: Final = struct.Struct(">5B").pack

@@ -92,7 +92,7 @@ _BULK_HEADS: Final[list[bytes]] = [b"$%d\r\n" % size for size in range(256)]
 
 
 def bulk_head(size: int) -> bytes:
-    """``$<size>\r\n``: what comes before a bulk string of ``size`` bytes (then the bytes, CRLF)."""
+    """``$<size>`` and CRLF: what comes before a bulk string of ``size`` bytes (then the bytes, CRLF)."""
     return _BULK_HEADS[size] if size < 256 else b"$%d\r\n" % size
 
 
