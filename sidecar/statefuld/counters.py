@@ -54,15 +54,12 @@ class MethodStats:
 class RequestMetrics:
     """Per-method counts of every call (requests and notifications). Calls refused before they
     run (bad arguments, unknown method, shed) are counted by ``count``; calls that ran, whatever
-    their outcome, by ``done`` with their latency, from the read that brought them to the reply
-    being queued."""
+    their outcome, by their method's ``MethodStats.done`` with their latency, from the read that
+    brought them to the reply being queued (protocol.RpcProtocol._done)."""
 
     def __init__(self, method_names: Iterable[str]) -> None:
         self.by_method: dict[str, MethodStats] = {name: MethodStats() for name in method_names}
         self.unknown = MethodStats()
-
-    def done(self, method: str, code: int, seconds: float) -> None:
-        self.by_method.get(method, self.unknown).done(code, seconds)
 
     def count(self, method: str, code: int) -> None:
         self.by_method.get(method, self.unknown).codes[code] += 1

@@ -1,5 +1,6 @@
 """How the daemon watches Redis, and how its counts (counters.py) and the rest of its state are
-shown: the `stats` method's map and the Prometheus exposition (docs/OPERATIONS.md, "Observability", lists every metric).
+shown: the `stats` method's map and the Prometheus exposition (docs/OPERATIONS.md,
+"Observability", lists every metric).
 
 The hot path pays only for plain ints: ``counters.RequestMetrics`` keeps, per method, a list of
 counts by outcome code and a list of latency bucket counts, incremented in place (no prometheus_client

@@ -606,7 +606,7 @@ class RpcProtocol(asyncio.Protocol):
         else:
             code = code_index(error)
         seconds = perf_counter() - call.started
-        metrics = state.metrics  # RequestMetrics.done, inlined: one call less per request when interpreted
+        metrics = state.metrics
         metrics.by_method.get(call.method, metrics.unknown).done(code, seconds)
         if state.log_requests:
             log.debug("%s msgid=%s: %s in %.3fms", call.method, msgid, CODES[code], seconds * 1000)
