@@ -1,4 +1,4 @@
-"""The least any Python sidecar can do per call: a reference point for the benchmark, not a product.
+"""A plain Python sidecar that only translates: a reference point for the benchmark, not a product.
 
 A uvloop process that serves get_linked_pod and set_linked_pod over MessagePack-RPC on a Unix
 socket and does nothing but translate: each request becomes the executor's command (GET of the
@@ -6,8 +6,10 @@ link key, EVALSHA of the daemon's set_linked_pod script), queued on one multiple
 connection and written once per loop turn; hiredis parses the replies, which are matched in order
 and written back to each client once per read. No argument checks, deadlines, metrics, overload
 or flow control, error mapping, reconnects or NOSCRIPT handling: everything statefuld adds is
-missing, so what the same AsyncClient reaches through it is the ceiling of the design on the
-machine at hand (benchmarks/run.py's "floor sidecar" rows, docs/BENCHMARKS.md).
+missing, so what the same AsyncClient reaches through it is what the design reaches on the
+machine at hand without any of the contract's work (benchmarks/run.py's "floor sidecar" rows,
+docs/BENCHMARKS.md). It is interpreted and encodes with hiredis.pack_command and Packer.pack: it
+bounds an interpreted statefuld, not a compiled one, which now does as well per call for set.
 
 Run by run.py: floor_sidecar.py SOCKET REDIS_SOCKET SET_LINKED_POD_SHA; prints "ready" once serving.
 """
