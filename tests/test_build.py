@@ -68,11 +68,13 @@ def test_no_compiled_function_binds_one_except_name_to_two_types() -> None:
 
 
 def _final_float_tuples(source: str) -> list[str]:
-    """Module-level names declared bare ``Final`` whose value is a tuple holding a float literal
-    (mypy infers a fixed-length tuple of floats)."""
+    """Module-level names declared ``Final`` (bare, or with a fixed-length tuple type) whose value
+    is a tuple holding a float literal: mypy gives them a fixed-length tuple of floats."""
     found = []
     for node in ast.parse(source).body:
-        if (isinstance(node, ast.AnnAssign) and ast.unparse(node.annotation) == "Final"
+        annotation = ast.unparse(node.annotation) if isinstance(node, ast.AnnAssign) else ""
+        fixed_length = annotation == "Final" or (annotation.startswith("Final[tuple[") and "..." not in annotation)
+        if (isinstance(node, ast.AnnAssign) and fixed_length
                 and isinstance(node.value, ast.Tuple)
                 and any(isinstance(item, ast.Constant) and type(item.value) is float for item in node.value.elts)):
             found.append(ast.unparse(node.target))
@@ -86,8 +88,9 @@ def test_no_compiled_module_has_a_final_tuple_of_floats() -> None:
     for module in build.COMPILED_MODULES:
         path = REPO / "sidecar" / (module.replace(".", "/") + ".py")
         assert _final_float_tuples(path.read_text()) == [], path
-    sample = "A: Final = (1, 2.5)\nB: Final[tuple[float, ...]] = (2.5,)\nC: Final = (1, 2)\n"
-    assert _final_float_tuples(sample) == ["A"]
+    sample = ("A: Final = (1, 2.5)\nB: Final[tuple[float, ...]] = (2.5,)\nC: Final = (1, 2)\n"
+              "D: Final[tuple[float, float]] = (1.0, 2.0)\n")
+    assert _final_float_tuples(sample) == ["A", "D"]
 
 
 def test_the_checker_finds_a_name_bound_to_two_types() -> None:

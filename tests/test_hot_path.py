@@ -98,7 +98,8 @@ def test_each_request_of_a_pipelined_batch_gets_its_own_error(daemon: Daemon, re
 
 # Where a msgid's MessagePack form changes size, and the results around the one-byte replies.
 _EDGE_MSGIDS = [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1]
-_EDGE_PODS = [None, 0, 127, 128, 255, 65536, 2**31 - 1]
+# 1023 / 1024: the last pod id decoded by table (executor._SMALL_POD_IDS) and the first parsed.
+_EDGE_PODS = [None, 0, 127, 128, 255, 1023, 1024, 65536, 2**31 - 1]
 
 
 def test_replies_are_exact_at_every_msgid_and_pod_id_size(daemon: Daemon, redis_db: redis.Redis) -> None:
