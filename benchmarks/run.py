@@ -340,21 +340,20 @@ def main() -> int:
 def reference_rows(line: Callable[..., None], args: argparse.Namespace, bench: float) -> None:
     """The rows that put statefuld's in perspective: the floor sidecar's, and the interpreted build's."""
     P, C, CH = args.processes, args.callers, args.callers_high
+
+    def rows(server: str, target_1: str, target_2: str) -> None:
+        # One serving process's get/set rows: P x C against direct redis-py, P x CH against redis-benchmark.
+        for op in ("get_linked_pod", "set_linked_pod"):
+            line(f"{op} {server} {P}x{C}", f"{op} direct {P}x{C}", f"direct redis-py asyncio {P}x{C}", target_1)
+        for op in ("get_linked_pod", "set_linked_pod"):
+            line(f"{op} {server} {P}x{CH}", None, "redis-benchmark EVALSHA, 50 clients, -P 1", target_2,
+                 base_ops=bench)
+
     # References for targets 1 and 2 on this machine: the same AsyncClient through an interpreted
     # sidecar that only translates (benchmarks/floor_sidecar.py).
-    for op in ("get_linked_pod", "set_linked_pod"):
-        line(f"{op} floor sidecar {P}x{C}", f"{op} direct {P}x{C}", f"direct redis-py asyncio {P}x{C}",
-             "reference for target 1")
-    for op in ("get_linked_pod", "set_linked_pod"):
-        line(f"{op} floor sidecar {P}x{CH}", None, "redis-benchmark EVALSHA, 50 clients, -P 1",
-             "reference for target 2", base_ops=bench)
+    rows("floor sidecar", "reference for target 1", "reference for target 2")
     if args.build == "compiled":  # what compiling buys, side by side: the .py files' daemon
-        for op in ("get_linked_pod", "set_linked_pod"):
-            line(f"{op} statefuld interpreted {P}x{C}", f"{op} direct {P}x{C}", f"direct redis-py asyncio {P}x{C}",
-                 "reported (interpreted build)")
-        for op in ("get_linked_pod", "set_linked_pod"):
-            line(f"{op} statefuld interpreted {P}x{CH}", None, "redis-benchmark EVALSHA, 50 clients, -P 1",
-                 "reported (interpreted build)", base_ops=bench)
+        rows("statefuld interpreted", "reported (interpreted build)", "reported (interpreted build)")
 
 
 def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: float, idle_fresh_mb: float,
