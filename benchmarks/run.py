@@ -434,8 +434,9 @@ def report(c: Collected, args: argparse.Namespace, ready_s: float, idle_mb: floa
     return "\n".join(rows + extra)
 
 
-def write_markdown(path: str, text: str) -> None:
-    begin, end = "<!-- RESULTS BEGIN -->", "<!-- RESULTS END -->"
+def write_markdown(path: str, text: str, markers: str = "RESULTS") -> None:
+    """Put `text` between the file's `<!-- {markers} BEGIN/END -->` lines (added at the end if missing)."""
+    begin, end = f"<!-- {markers} BEGIN -->", f"<!-- {markers} END -->"
     content = open(path).read() if os.path.exists(path) else f"{begin}\n{end}\n"
     if begin not in content:
         content += f"\n{begin}\n{end}\n"
