@@ -22,7 +22,7 @@ import msgpack
 import pytest
 from support import short_tmpdir
 
-from statefuld_client import AsyncClient, Client, ConnectionLostError, ProtocolError
+from statefuld_client import AsyncClient, Client, ClientTimeoutError, ConnectionLostError, ProtocolError
 
 Handler = Callable[["Peer", int, list[Any], socket.socket], None]
 
@@ -208,3 +208,120 @@ def test_msgids_wrap_around_at_2_32() -> None:
         asyncio.run(scenario())
         msgids = [m[1] for _, m in p.seen]
         assert msgids == [2**32 - 1, 0, 1] * 2
+
+
+def hold_slow(peer: Peer, conn_no: int, message: list[Any], conn: socket.socket) -> None:
+    # Calls whose first param is "slow" are never answered; the rest are echoed.
+    if message[0] == 0 and message[3][:1] == ["slow"]:
+        peer.held.append((conn, message))
+        return
+    echo(peer, conn_no, message, conn)
+
+
+def test_default_timeout_fails_each_call_at_its_own_deadline() -> None:
+    # Calls with the default timeout share one sweep per connection: each must fail no sooner
+    # than its own timeout after it began, and soon after it; answered calls, and calls with a
+    # longer timeout_s= of their own, are left alone by the sweep.
+    timeout_s = 0.4
+
+    async def scenario(path: str) -> None:
+        loop = asyncio.get_running_loop()
+        async with AsyncClient(path, timeout_s=timeout_s) as client:
+            own = asyncio.ensure_future(client.call("get_linked_pod", "slow", "own", timeout_s=1.2))
+            failed_after: dict[int, float] = {}
+
+            async def slow(wave: int) -> None:
+                started = loop.time()
+                with pytest.raises(ClientTimeoutError, match=r"get_linked_pod: no reply .* within 0\.4s"):
+                    await client.get_linked_pod("slow", f"wave-{wave}", "svc")
+                failed_after[wave] = loop.time() - started
+
+            waves = []
+            for wave in range(4):
+                waves.append(asyncio.ensure_future(slow(wave)))
+                assert await client.call("ping") == ["ping"]  # answered calls in between
+                await asyncio.sleep(0.1)
+            await asyncio.gather(*waves)
+            for wave, elapsed in failed_after.items():
+                assert timeout_s <= elapsed < timeout_s + 0.25, (wave, elapsed)
+            assert not own.done()  # its own 1.2 s have not passed
+            with pytest.raises(ClientTimeoutError):
+                await own
+            assert client._conn is not None and not client._conn.pending  # nothing left behind
+            assert await client.call("ping") == ["ping"]
+
+    with peer(hold_slow) as p:
+        asyncio.run(scenario(p.socket_path))
+        assert {conn_no for conn_no, _ in p.seen} == {1}  # timeouts keep the connection
+
+
+def test_a_read_retried_after_a_lost_connection_keeps_its_first_deadline() -> None:
+    # The first connection dies 0.35 s into the call; the retry on the second is never answered.
+    # The caller asked for 0.5 s: it must hear TIMEOUT by then, not 0.5 s after the retry.
+    def drop_later_then_hold(peer: Peer, conn_no: int, message: list[Any], conn: socket.socket) -> None:
+        if message[2] == "ping":
+            echo(peer, conn_no, message, conn)
+            return
+        if conn_no == 1:
+            threading.Timer(0.35, conn.shutdown, (socket.SHUT_RDWR,)).start()
+        peer.held.append((conn, message))
+
+    async def scenario(path: str) -> None:
+        loop = asyncio.get_running_loop()
+        async with AsyncClient(path, timeout_s=0.5) as client:
+            assert await client.ping() == ["ping"]  # connected: the next call takes the lean path
+            started = loop.time()
+            with pytest.raises(ClientTimeoutError):
+                await client.get_linked_pod("g", "u", "svc")
+            assert 0.5 <= loop.time() - started < 0.7
+
+    with peer(drop_later_then_hold) as p:
+        asyncio.run(scenario(p.socket_path))
+        assert [(c, m[2]) for c, m in p.seen] == [(1, "ping"), (1, "get_linked_pod"), (2, "get_linked_pod")]
+
+
+def test_lost_with_a_notification_queued_first_retries_only_the_unsent() -> None:
+    # A write already sent and a notification, then a write, queued in one turn: the connection
+    # goes before that turn's write. The sent write must not be sent again (it may have run); the
+    # queued write was never sent, so it is, on the next connection.
+    async def scenario(path: str) -> None:
+        async with AsyncClient(path, timeout_s=2) as client:
+            sent = asyncio.ensure_future(client.set_linked_pod("slow", "sent", "svc", 1, -1))
+            await asyncio.sleep(0.1)  # written, held by the peer
+            conn = client._conn
+            assert conn is not None and not conn._queue
+            notified = asyncio.ensure_future(client.notify("set_service_state", "g", "svc", 1, "Ready"))
+            queued = asyncio.ensure_future(client.set_linked_pod("g", "queued", "svc", 2, -1))
+            await asyncio.sleep(0)  # both queued in this turn, the notification first; not yet written
+            await notified
+            assert len(conn._queue) == 2
+            assert conn.transport is not None
+            conn.transport.abort()  # connection_lost() comes before the flush of this turn
+            conn.connection_lost(None)
+            with pytest.raises(ConnectionLostError):
+                await sent
+            assert await queued == ["set_linked_pod", "g", "queued", "svc", 2, -1]
+
+    with peer(hold_slow) as p:
+        asyncio.run(scenario(p.socket_path))
+        sets = [(c, m[3][1]) for c, m in p.seen if m[0] == 0]
+        assert sets == [(1, "sent"), (2, "queued")]
+
+
+def test_default_timeout_holds_while_calls_with_their_own_come_and_go() -> None:
+    # Replies to calls with their own timeout_s= arrive while a default-timeout call waits; the
+    # sweep must keep running for the waiting one, with no further calls to restart it.
+    async def scenario(path: str) -> None:
+        loop = asyncio.get_running_loop()
+        async with AsyncClient(path, timeout_s=0.5) as client:
+            assert await client.ping() == ["ping"]
+            started = loop.time()
+            waiting = asyncio.ensure_future(client.get_linked_pod("slow", "u", "svc"))
+            while loop.time() - started < 0.3:
+                assert await client.call("ping", timeout_s=5) == ["ping"]
+            with pytest.raises(ClientTimeoutError):
+                await asyncio.wait_for(waiting, 2)
+            assert 0.5 <= loop.time() - started < 0.75
+
+    with peer(hold_slow) as p:
+        asyncio.run(scenario(p.socket_path))

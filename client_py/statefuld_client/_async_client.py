@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import weakref
+from collections import deque
 from types import TracebackType
 from typing import Any, cast
 
@@ -36,6 +37,19 @@ class _NotSent(Exception):
     """The connection was lost before the request was handed to the transport."""
 
 
+class _Expired(Exception):
+    """The sweep found the call older than the client's default timeout (the caller names the method)."""
+
+
+def _older(reference: int, a: int, b: int) -> bool:
+    """Whether msgid ``a`` was sent before msgid ``b``; both were sent at or before ``reference``.
+
+    msgids grow by one per call and wrap at 2**32, so their distance back from the newest one
+    orders them (calls waiting on one connection span far fewer than 2**31 msgids).
+    """
+    return (reference - a) & MSGID_MASK > (reference - b) & MSGID_MASK
+
+
 def _expire(future: asyncio.Future[Any], method: str, timeout_s: float) -> None:
     if not future.done():
         future.set_exception(ClientTimeoutError(f"{method}: no reply from the daemon within {timeout_s}s"))
@@ -48,17 +62,26 @@ class _Connection(asyncio.Protocol):
         self.loop = loop
         self.sock = sock
         self.transport: asyncio.Transport | None = None
+        # msgid -> the future of its call. Calls are added as they are sent, so this is in the
+        # order of sending, which the deadline sweep and connection_lost() rely on.
         self.pending: dict[int, asyncio.Future[Any]] = {}
-        # Futures of calls with the client's default timeout -> deadline. All share one timeout,
-        # so insertion order is deadline order and the sweep only looks at the front.
-        self.deadlines: dict[asyncio.Future[Any], tuple[float, str]] = {}
+        self.newest = 0  # the msgid of the latest call sent (or queued) on this connection
+        # Calls with the client's default timeout (most calls) carry no deadline of their own:
+        # while any waits, a sweep runs every _SWEEP_INTERVAL_S and notes the time and the newest
+        # msgid, and fails every call sent at or before a note that is default_timeout_s old. So
+        # a call times out between its timeout and its timeout plus two intervals, and the call
+        # path does no clock read and no bookkeeping of its own. Calls with their own timeout_s=
+        # have a loop timer each and are listed in `timed`, which the sweep skips.
         self.default_timeout_s = 0.0
+        self.timed: set[int] = set()
+        self._notes: deque[tuple[float, int]] = deque()  # (time, newest msgid then), oldest first
+        self._sent_since = 0.0  # every call still waiting was sent at or after this time
         self._sweep: asyncio.TimerHandle | None = None
         self.lost = False
         self.closed: asyncio.Future[None] = loop.create_future()
         self._decoder = Decoder()
         self._queue: list[bytes] = []
-        self._queued_ids: list[int] = []
+        self._first_queued = -1  # msgid of the first call in _queue; later calls follow it
         self._drained: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -83,44 +106,66 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        unsent = set(self._queued_ids)
+        # Calls sent from the first still queued on are unsent: they may be tried again.
+        first_unsent = self._first_queued if self._queue else None
         self._queue.clear()
-        self._queued_ids.clear()
         for msgid, future in self.pending.items():
             if not future.done():
-                if msgid in unsent:
+                if first_unsent is not None and not _older(self.newest, msgid, first_unsent):
                     future.set_exception(_NotSent())
                 else:
                     lost = ConnectionLostError("the daemon closed the connection before replying")
                     lost.__cause__ = exc
                     future.set_exception(lost)
         self.pending.clear()
+        self.timed.clear()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
         if not self.closed.done():
             self.closed.set_result(None)
 
-    def expire_at(self, future: asyncio.Future[Any], deadline: float, method: str) -> None:
-        self.deadlines[future] = (deadline, method)
-        if self._sweep is None:
-            self._sweep = self.loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines)
+    def start_sweep(self, timeout_s: float) -> None:
+        """Called by the first call with the default timeout while no sweep runs."""
+        self.default_timeout_s = timeout_s
+        self._notes.clear()
+        self._sent_since = self.loop.time()
+        self._sweep = self.loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines)
 
     def _sweep_deadlines(self) -> None:
         self._sweep = None
-        deadlines = self.deadlines
-        if not deadlines:
+        pending, timed, notes = self.pending, self.timed, self._notes
+        if not pending:
+            # Nothing waits. (Not "nothing but calls in `timed`": such a call's msgid stays there
+            # until its caller runs again, after its reply left `pending`.) The notes stay: a call
+            # retried after connection_lost() may still read them; start_sweep() clears them.
             return
         now = self.loop.time()
-        expired = []
-        for future, (deadline, method) in deadlines.items():
-            if deadline > now:
+        newest = self.newest
+        notes.append((now, newest))
+        cutoff = None
+        while notes and notes[0][0] <= now - self.default_timeout_s:
+            self._sent_since, cutoff = notes.popleft()
+        if cutoff is not None:
+            expired = []
+            for msgid in pending:  # in the order sent: stop at the first one sent after the cutoff
+                if _older(newest, cutoff, msgid):
+                    break
+                if msgid not in timed:
+                    expired.append(msgid)
+            for msgid in expired:
+                future = pending.pop(msgid)
+                if not future.done():
+                    future.set_exception(_Expired())
+        self._sweep = self.loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines)
+
+    def sent_at_or_after(self, msgid: int) -> float:
+        """A time the call with this default-timeout msgid was sent at or after (its deadline's start)."""
+        since = self._sent_since
+        for when, newest in self._notes:
+            if not _older(self.newest, newest, msgid):
                 break
-            expired.append((future, method))
-        for future, method in expired:
-            del deadlines[future]
-            _expire(future, method, self.default_timeout_s)
-        if deadlines:
-            self._sweep = self.loop.call_later(_SWEEP_INTERVAL_S, self._sweep_deadlines)
+            since = when  # that note was taken before this call was sent
+        return since
 
     def pause_writing(self) -> None:
         self._drained = self.loop.create_future()
@@ -135,12 +180,14 @@ class _Connection(asyncio.Protocol):
             await asyncio.shield(self._drained)
 
     def send(self, payload: bytes, msgid: int) -> None:
+        """Queue a request, or a notification (msgid -1), for this turn's one write."""
         if self.lost:
             raise _NotSent
         if not self._queue:
+            # A notification first: the first call queued after it will be the next msgid.
+            self._first_queued = msgid if msgid >= 0 else (self.newest + 1) & MSGID_MASK
             self.loop.call_soon(self._flush)
         self._queue.append(payload)
-        self._queued_ids.append(msgid)
 
     def _flush(self) -> None:
         queue = self._queue
@@ -153,7 +200,6 @@ class _Connection(asyncio.Protocol):
         if transport.is_closing():
             return  # the write itself failed (EPIPE): none of this batch left
         queue.clear()
-        self._queued_ids.clear()
 
     def fail(self, exc: Exception) -> None:
         """Drop the connection and fail every call waiting on it with ``exc``."""
@@ -267,16 +313,22 @@ class AsyncClient(AsyncAPI):
             msgid = (self._msgid + 1) & MSGID_MASK
             pending = conn.pending
             if msgid not in pending:
-                self._msgid = msgid
+                self._msgid = conn.newest = msgid
                 future = loop.create_future()
                 pending[msgid] = future
-                deadlines = conn.deadlines
-                conn.default_timeout_s = self.timeout_s
-                deadline = loop.time() + self.timeout_s
-                conn.expire_at(future, deadline, method)
+                if conn._sweep is None:
+                    conn.start_sweep(self.timeout_s)
+                # conn.send(), inlined: the connection is live (checked above).
+                queue = conn._queue
+                if not queue:
+                    conn._first_queued = msgid
+                    loop.call_soon(conn._flush)
+                queue.append(self._packer.pack([0, msgid, method, params]))
                 try:
-                    conn.send(self._packer.pack([0, msgid, method, params]), msgid)
                     reply = await future
+                except _Expired:
+                    raise ClientTimeoutError(
+                        f"{method}: no reply from the daemon within {self.timeout_s}s") from None
                 except _NotSent:
                     pass  # nothing reached the daemon: the full path tries once more
                 except ConnectionLostError as exc:
@@ -287,9 +339,9 @@ class AsyncClient(AsyncAPI):
                         return reply[3]
                     raise server_error(reply[2])
                 finally:
-                    deadlines.pop(future, None)
-                    # Still there if cancelled or timed out: forget it, so its reply is dropped.
+                    # Still there if cancelled: forget it, so its reply is dropped.
                     pending.pop(msgid, None)
+                deadline = conn.sent_at_or_after(msgid) + self.timeout_s
                 return await self._call_full(method, params, timeout_s, is_read, retried=True, deadline=deadline)
         return await self._call_full(method, params, timeout_s, is_read)
 
@@ -306,6 +358,7 @@ class AsyncClient(AsyncAPI):
             msgid = self._next_msgid(conn)
             future: asyncio.Future[Any] = loop.create_future()
             conn.pending[msgid] = future
+            conn.timed.add(msgid)
             timer = loop.call_at(deadline, _expire, future, method, timeout_s)
             try:
                 conn.send(self._encoder.request(msgid, method, params), msgid)
@@ -324,6 +377,7 @@ class AsyncClient(AsyncAPI):
                 timer.cancel()
                 # Still there if cancelled or timed out: forget it, so its reply is dropped.
                 conn.pending.pop(msgid, None)
+                conn.timed.discard(msgid)
             return unwrap(reply[2], reply[3])
 
     async def _notify(self, method: str, params: list[Any], timeout_s: float | None) -> None:
@@ -358,7 +412,7 @@ class AsyncClient(AsyncAPI):
         msgid = (self._msgid + 1) & MSGID_MASK
         while msgid in conn.pending:  # only after a wrap-around past a call still waiting
             msgid = (msgid + 1) & MSGID_MASK
-        self._msgid = msgid
+        self._msgid = conn.newest = msgid
         return msgid
 
     def _lost(self, method: str) -> StatefuldError:
