@@ -12,10 +12,13 @@ redis-py asyncio and redis-benchmark, every row once per round, odd rounds in re
 - through the C sidecar with a floor client (`FloorClient` below: one asyncio connection, a future
   per call, one write per loop turn, no deadlines, checks or error mapping): the most any sidecar
   gives any asyncio client;
+- through benchmarks/floor_sidecar.py compiled with mypyc (as statefuld's hot path is): the most
+  a Python sidecar on this stack gives the AsyncClient, as far as that sidecar goes;
 - statefuld (compiled, as the image ships it) with the AsyncClient.
 
 If the C rows stay under a target, no sidecar meets that target on this machine with this client,
-and the floor-client rows say whether a leaner asyncio client would change that.
+and the floor-client rows say whether a leaner asyncio client would change that; if the Python
+floor's rows stay under it while the C rows pass, the per-call cost of Python is what stands between.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from support import Daemon, RedisServer, short_tmpdir  # noqa: E402
 from workloads import NS, PODS, SERVICE, SET_SCRIPT, script_sha, seed, uid, workloads  # noqa: E402
 
 OPS = ("get_linked_pod", "set_linked_pod")
+SERVERS = ("statefuld", "Python floor compiled, AsyncClient", "C sidecar, AsyncClient", "C sidecar, floor client")
 
 
 class FloorClient(asyncio.Protocol):
@@ -109,19 +113,41 @@ def build_floor_c(directory: str) -> str:
     return binary
 
 
-def start_floor_c(binary: str, redis_socket: str) -> tuple[subprocess.Popen[str], str]:
+def build_python_floor(directory: str) -> str:
+    """floor_sidecar.py compiled by mypyc in `directory` (a copy: mypyc builds in place); its path."""
+    for name in ("floor_sidecar.py", "workloads.py"):
+        shutil.copy(os.path.join(HERE, name), directory)
+    subprocess.run([sys.executable, "-m", "mypyc", "--ignore-missing-imports", "floor_sidecar.py"], cwd=directory,
+                   check=True, timeout=600, stdout=subprocess.DEVNULL)
+    os.remove(os.path.join(directory, "floor_sidecar.py"))  # so that the import takes the extension
+    return directory
+
+
+def start_server(command: list[str], redis_socket: str, env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen[str], str]:
+    """A reference sidecar: `command SOCKET REDIS_SOCKET SHA`, which prints "ready" once serving."""
     socket_path = os.path.join(short_tmpdir("sfc-"), "floor.sock")
-    proc = subprocess.Popen([binary, socket_path, redis_socket, script_sha(SET_SCRIPT)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*command, socket_path, redis_socket, script_sha(SET_SCRIPT)],
+                            stdout=subprocess.PIPE, text=True, env=None if env is None else {**os.environ, **env})
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
-        raise RuntimeError("floor_c did not start")
+        raise RuntimeError(f"{command} did not start")
+    return proc, socket_path
+
+
+def start_floor_c(binary: str, redis_socket: str) -> tuple[subprocess.Popen[str], str]:
+    return start_server([binary], redis_socket)
+
+
+def start_python_floor(directory: str, redis_socket: str) -> tuple[subprocess.Popen[str], str]:
+    launch = "import sys, uvloop, floor_sidecar; uvloop.run(floor_sidecar.serve(*sys.argv[1:4]))"
+    proc, socket_path = start_server([sys.executable, "-c", launch], redis_socket, {"PYTHONPATH": directory})
     return proc, socket_path
 
 
 def check_same_answers(daemon_socket: str, floor_socket: str) -> None:
-    """The C sidecar must answer as statefuld does, or its rows measure something else."""
+    """A reference sidecar must answer as statefuld does, or its rows measure something else."""
     from statefuld_client import AsyncClient
 
     async def compare() -> None:
@@ -131,11 +157,11 @@ def check_same_answers(daemon_socket: str, floor_socket: str) -> None:
                 expected = await daemon.get_linked_pod(NS, user, SERVICE)
                 got = await floor.get_linked_pod(NS, user, SERVICE)
                 if got != expected:
-                    raise RuntimeError(f"floor_c answered {got!r} for {user}, statefuld {expected!r}")
+                    raise RuntimeError(f"the reference answered {got!r} for {user}, statefuld {expected!r}")
             previous = await daemon.get_linked_pod(NS, users[0], SERVICE)
             if await floor.set_linked_pod(NS, users[0], SERVICE, 5, -1) != previous or \
                     await daemon.get_linked_pod(NS, users[0], SERVICE) != 5:
-                raise RuntimeError("floor_c's set_linked_pod does not do what statefuld's does")
+                raise RuntimeError("the reference's set_linked_pod does not do what statefuld's does")
             if previous is not None:
                 await daemon.set_linked_pod(NS, users[0], SERVICE, previous, -1)
 
@@ -161,18 +187,25 @@ def main() -> int:
     work = short_tmpdir("sfcb-")
     redis_server = RedisServer(dir=short_tmpdir("sfb-")).start()
     daemon: Daemon | None = None
-    floor: subprocess.Popen[str] | None = None
+    servers: list[subprocess.Popen[str]] = []
     try:
         binary = build_floor_c(work)
+        print("compiling floor_sidecar.py with mypyc ...", flush=True)
+        python_floor_dir = build_python_floor(work)
         daemon = Daemon(redis_server.url, env=env).start()
         assert daemon.proc is not None
         if started_build(daemon) != args.build:
             raise RuntimeError(f"asked for the {args.build} build, the daemon runs {started_build(daemon)}")
         seed(daemon.socket_path)
         floor, floor_socket = start_floor_c(binary, redis_server.socket_path)
-        check_same_answers(daemon.socket_path, floor_socket)
+        servers.append(floor)
+        python_floor, python_floor_socket = start_python_floor(python_floor_dir, redis_server.socket_path)
+        servers.append(python_floor)
+        for socket_path in (floor_socket, python_floor_socket):
+            check_same_answers(daemon.socket_path, socket_path)
         loads = workloads(redis_server.socket_path, daemon.socket_path)
         through_c = workloads(redis_server.socket_path, floor_socket)
+        through_python = workloads(redis_server.socket_path, python_floor_socket)
 
         rows: list[tuple[str, Callable[[], Sample]]] = []
 
@@ -183,6 +216,8 @@ def main() -> int:
             row(f"{op} direct {P}x{C}", loads[op].direct, C, None)
             for callers in (C, CH):
                 row(f"{op} statefuld {P}x{callers}", loads[op].statefuld, callers, daemon.proc.pid)
+                row(f"{op} Python floor compiled, AsyncClient {P}x{callers}", through_python[op].statefuld, callers,
+                    python_floor.pid)
                 row(f"{op} C sidecar, AsyncClient {P}x{callers}", through_c[op].statefuld, callers, floor.pid)
                 row(f"{op} C sidecar, floor client {P}x{callers}", floor_client_async(floor_socket, op), callers,
                     floor.pid)
@@ -202,9 +237,9 @@ def main() -> int:
     finally:
         if daemon is not None:
             daemon.cleanup()
-        if floor is not None:
-            floor.kill()
-            floor.wait()
+        for server in servers:
+            server.kill()
+            server.wait()
         redis_server.cleanup()
         shutil.rmtree(work, ignore_errors=True)
         if build_dir is not None:
@@ -230,9 +265,9 @@ def report(c: Collected, args: argparse.Namespace) -> str:
 
     for op in OPS:
         direct = [s.ops_s for s in c.samples[f"{op} direct {P}x{C}"]]
-        for server in ("statefuld", "C sidecar, AsyncClient", "C sidecar, floor client"):
+        for server in SERVERS:
             line(f"{op} {server} {P}x{C}", direct, f"direct redis-py asyncio {P}x{C}", ">= 4x (target 1)")
-        for server in ("statefuld", "C sidecar, AsyncClient", "C sidecar, floor client"):
+        for server in SERVERS:
             line(f"{op} {server} {P}x{CH}", c.benchmark_ops, "redis-benchmark EVALSHA, 50 clients, -P 1",
                  ">= 1.2x (target 2)")
     direct_cells = "; ".join(

@@ -81,10 +81,10 @@ class Client(asyncio.Protocol):
             uid, service = params[1], params[2]
             key = link_key(uid)
             if method == "get_linked_pod":
-                send(hiredis.pack_command(("GET", key)), self, msgid)
+                send(hiredis.pack_command(cast(Any, ("GET", key))), self, msgid)
             else:  # set_linked_pod: the executor's own script and arguments
-                send(hiredis.pack_command(("EVALSHA", self.sha, 2, links_hash_key(uid), key, service,
-                                           params[3], params[4])), self, msgid)
+                send(hiredis.pack_command(cast(Any, ("EVALSHA", self.sha, 2, links_hash_key(uid), key, service,
+                                                     params[3], params[4]))), self, msgid)
 
     def flush(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
