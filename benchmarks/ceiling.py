@@ -16,9 +16,10 @@ redis-py asyncio and redis-benchmark, every row once per round, odd rounds in re
   a Python sidecar on this stack gives the AsyncClient, as far as that sidecar goes;
 - statefuld (compiled, as the image ships it) with the AsyncClient.
 
-If the C rows stay under a target, no sidecar meets that target on this machine with this client,
-and the floor-client rows say whether a leaner asyncio client would change that; if the Python
-floor's rows stay under it while the C rows pass, the per-call cost of Python is what stands between.
+If the C rows stay under a target, a sidecar that does more per call than that one does not meet
+it on this machine with this client either, and the floor-client rows say whether a leaner
+asyncio client would change that; if the Python floor's rows stay under it while the C rows pass,
+the per-call cost of Python is what stands between.
 """
 
 from __future__ import annotations
