@@ -40,7 +40,15 @@ sys.path.insert(0, HERE)
 
 import msgpack  # noqa: E402
 from load import AsyncSetup, Sample, run_async  # noqa: E402
-from run import Collected, compiled_build, machine, redis_benchmark, started_build, write_markdown  # noqa: E402
+from run import (  # noqa: E402
+    Collected,
+    compiled_build,
+    load_arguments,
+    machine,
+    redis_benchmark,
+    started_build,
+    write_markdown,
+)
 from support import Daemon, RedisServer, short_tmpdir  # noqa: E402
 from workloads import NS, PODS, SERVICE, SET_SCRIPT, script_sha, seed, uid, workloads  # noqa: E402
 
@@ -171,13 +179,7 @@ def check_same_answers(daemon_socket: str, floor_socket: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5, help="rounds; figures are medians over them (5)")
-    parser.add_argument("--warmup-s", type=float, default=0.5)
-    parser.add_argument("--duration-s", type=float, default=2.5, help="measured window of one row (2.5)")
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--callers", type=int, default=32)
-    parser.add_argument("--callers-high", type=int, default=128)
-    parser.add_argument("--benchmark-requests", type=int, default=300_000)
+    load_arguments(parser)
     parser.add_argument("--build", choices=("compiled", "interpreted"), default="compiled",
                         help="the statefuld rows' daemon: the compiled wheel (default) or the .py files")
     parser.add_argument("--markdown", help="also write the table to this file (between the CEILING markers)")

@@ -260,8 +260,8 @@ def measure_blocking(args: argparse.Namespace, served: Served, collected: Collec
                 served.polled[op].statefuld_sync, args.warmup_s, args.duration_s, served.polling_pid))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the rounds and their load, shared with ceiling.py."""
     parser.add_argument("--runs", type=int, default=5, help="rounds; figures are medians over them (5)")
     parser.add_argument("--warmup-s", type=float, default=0.5)
     parser.add_argument("--duration-s", type=float, default=2.5, help="measured window of one row (2.5)")
@@ -269,6 +269,11 @@ def main() -> int:
     parser.add_argument("--callers", type=int, default=32)
     parser.add_argument("--callers-high", type=int, default=128)
     parser.add_argument("--benchmark-requests", type=int, default=300_000)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    load_arguments(parser)
     parser.add_argument("--daemon-arg", action="append", default=[], help="extra `statefuld serve` argument")
     parser.add_argument("--busy-poll-us", type=int, default=50,
                         help="the second daemon's --busy-poll-us, for the blocking rows (0: no such rows)")
