@@ -280,6 +280,30 @@ def test_a_read_retried_after_a_lost_connection_keeps_its_first_deadline() -> No
         assert [(c, m[2]) for c, m in p.seen] == [(1, "ping"), (1, "get_linked_pod"), (2, "get_linked_pod")]
 
 
+def test_lost_with_only_a_notification_queued_sends_no_write_twice() -> None:
+    # A write sent and waiting, then only a notification queued when the connection goes: the
+    # write may have run, so its caller hears ConnectionLostError and it is not sent again.
+    async def scenario(path: str) -> None:
+        async with AsyncClient(path, timeout_s=2) as client:
+            sent = asyncio.ensure_future(client.set_linked_pod("slow", "sent", "svc", 1, -1))
+            await asyncio.sleep(0.1)  # written, held by the peer
+            conn = client._conn
+            assert conn is not None and not conn._queue
+            await client.notify("set_service_state", "g", "svc", 1, "Ready")
+            assert len(conn._queue) == 1
+            assert conn.transport is not None
+            conn.transport.abort()
+            conn.connection_lost(None)
+            with pytest.raises(ConnectionLostError):
+                await sent
+            assert await client.ping() == ["ping"]
+
+    with peer(hold_slow) as p:
+        asyncio.run(scenario(p.socket_path))
+        calls = [(c, m[2]) for c, m in p.seen if m[0] == 0]
+        assert calls == [(1, "set_linked_pod"), (2, "ping")]
+
+
 def test_lost_with_a_notification_queued_first_retries_only_the_unsent() -> None:
     # A write already sent and a notification, then a write, queued in one turn: the connection
     # goes before that turn's write. The sent write must not be sent again (it may have run); the

@@ -106,8 +106,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        # Calls sent from the first still queued on are unsent: they may be tried again.
+        # Calls sent from the first still queued on are unsent: they may be tried again. Only
+        # notifications queued (the first slot is still the next msgid): every call went out.
         first_unsent = self._first_queued if self._queue else None
+        if first_unsent == (self.newest + 1) & MSGID_MASK:
+            first_unsent = None
         self._queue.clear()
         for msgid, future in self.pending.items():
             if not future.done():
