@@ -280,34 +280,12 @@ def test_a_read_retried_after_a_lost_connection_keeps_its_first_deadline() -> No
         assert [(c, m[2]) for c, m in p.seen] == [(1, "ping"), (1, "get_linked_pod"), (2, "get_linked_pod")]
 
 
-def test_lost_with_only_a_notification_queued_sends_no_write_twice() -> None:
-    # A write sent and waiting, then only a notification queued when the connection goes: the
-    # write may have run, so its caller hears ConnectionLostError and it is not sent again.
-    async def scenario(path: str) -> None:
-        async with AsyncClient(path, timeout_s=2) as client:
-            sent = asyncio.ensure_future(client.set_linked_pod("slow", "sent", "svc", 1, -1))
-            await asyncio.sleep(0.1)  # written, held by the peer
-            conn = client._conn
-            assert conn is not None and not conn._queue
-            await client.notify("set_service_state", "g", "svc", 1, "Ready")
-            assert len(conn._queue) == 1
-            assert conn.transport is not None
-            conn.transport.abort()
-            conn.connection_lost(None)
-            with pytest.raises(ConnectionLostError):
-                await sent
-            assert await client.ping() == ["ping"]
-
-    with peer(hold_slow) as p:
-        asyncio.run(scenario(p.socket_path))
-        calls = [(c, m[2]) for c, m in p.seen if m[0] == 0]
-        assert calls == [(1, "set_linked_pod"), (2, "ping")]
-
-
-def test_lost_with_a_notification_queued_first_retries_only_the_unsent() -> None:
-    # A write already sent and a notification, then a write, queued in one turn: the connection
-    # goes before that turn's write. The sent write must not be sent again (it may have run); the
-    # queued write was never sent, so it is, on the next connection.
+@pytest.mark.parametrize("write_after", [False, True], ids=["notification only", "notification then a write"])
+def test_lost_with_a_notification_queued_first_retries_only_the_unsent(write_after: bool) -> None:
+    # A write sent and waiting; then, in one turn, a notification and (or not) a write are queued,
+    # and the connection goes before that turn's write. The sent write may have run: its caller
+    # hears ConnectionLostError and it is not sent again. The queued write was never sent: it is,
+    # on the next connection.
     async def scenario(path: str) -> None:
         async with AsyncClient(path, timeout_s=2) as client:
             sent = asyncio.ensure_future(client.set_linked_pod("slow", "sent", "svc", 1, -1))
@@ -315,21 +293,24 @@ def test_lost_with_a_notification_queued_first_retries_only_the_unsent() -> None
             conn = client._conn
             assert conn is not None and not conn._queue
             notified = asyncio.ensure_future(client.notify("set_service_state", "g", "svc", 1, "Ready"))
-            queued = asyncio.ensure_future(client.set_linked_pod("g", "queued", "svc", 2, -1))
-            await asyncio.sleep(0)  # both queued in this turn, the notification first; not yet written
+            queued = asyncio.ensure_future(client.set_linked_pod("g", "queued", "svc", 2, -1)) if write_after else None
+            await asyncio.sleep(0)  # queued in this turn, the notification first; not yet written
             await notified
-            assert len(conn._queue) == 2
+            assert len(conn._queue) == 1 + write_after
             assert conn.transport is not None
             conn.transport.abort()  # connection_lost() comes before the flush of this turn
             conn.connection_lost(None)
             with pytest.raises(ConnectionLostError):
                 await sent
-            assert await queued == ["set_linked_pod", "g", "queued", "svc", 2, -1]
+            if queued is not None:
+                assert await queued == ["set_linked_pod", "g", "queued", "svc", 2, -1]
+            assert await client.ping() == ["ping"]
 
     with peer(hold_slow) as p:
         asyncio.run(scenario(p.socket_path))
-        sets = [(c, m[3][1]) for c, m in p.seen if m[0] == 0]
-        assert sets == [(1, "sent"), (2, "queued")]
+        calls = [(c, m[2], *m[3][1:2]) for c, m in p.seen if m[0] == 0]
+        assert calls == [(1, "set_linked_pod", "sent"), *([(2, "set_linked_pod", "queued")] if write_after else []),
+                         (2, "ping")]
 
 
 def test_default_timeout_holds_while_calls_with_their_own_come_and_go() -> None:
