@@ -8,8 +8,9 @@ and written back to each client once per read. No argument checks, deadlines, me
 or flow control, error mapping, reconnects or NOSCRIPT handling: everything statefuld adds is
 missing, so what the same AsyncClient reaches through it is what the design reaches on the
 machine at hand without any of the contract's work (benchmarks/run.py's "floor sidecar" rows,
-docs/BENCHMARKS.md). It is interpreted and encodes with hiredis.pack_command and Packer.pack: it
-bounds an interpreted statefuld, not a compiled one, which now does as well per call for set.
+docs/BENCHMARKS.md). run.py runs it interpreted, which bounds an interpreted statefuld only;
+ceiling.py also runs it compiled by mypyc, as statefuld's hot path is (the casts on
+hiredis.pack_command's argument are for mypyc, which enforces hiredis's stub).
 
 Run by run.py: floor_sidecar.py SOCKET REDIS_SOCKET SET_LINKED_POD_SHA; prints "ready" once serving.
 """
