@@ -313,6 +313,34 @@ def test_lost_with_a_notification_queued_first_retries_only_the_unsent(write_aft
                          (2, "ping")]
 
 
+def test_lost_before_writing_a_notification_and_writes_across_the_msgid_wrap_resends_them_all() -> None:
+    # A connection whose first message is a notification, then five writes whose msgids wrap
+    # past 2**32 - 1 (the client's count goes on from its earlier connections), all queued in
+    # one turn; the connection goes before that turn's write. None of them was sent, so every
+    # write goes out on the next connection, and none fails as possibly run.
+    async def scenario(path: str) -> None:
+        async with AsyncClient(path, timeout_s=2) as client:
+            client._msgid = 2**32 - 3  # as after 4 billion calls on earlier connections
+            await client.notify("set_service_state", "g", "svc", 1, "Ready")  # connects; no call yet
+            await asyncio.sleep(0.05)
+            conn = client._conn
+            assert conn is not None and not conn._queue
+            notified = asyncio.ensure_future(client.notify("set_service_state", "g", "svc", 1, "Ready"))
+            writes = [asyncio.ensure_future(client.set_linked_pod("g", f"u{i}", "svc", i, -1)) for i in range(5)]
+            await asyncio.sleep(0)  # queued in this turn, the notification first; not yet written
+            await notified
+            assert len(conn._queue) == 6
+            assert conn.transport is not None
+            conn.transport.abort()
+            conn.connection_lost(None)
+            assert await asyncio.gather(*writes) == [["set_linked_pod", "g", f"u{i}", "svc", i, -1] for i in range(5)]
+
+    with peer(echo) as p:
+        asyncio.run(scenario(p.socket_path))
+        written = [(c, m[3][1]) for c, m in p.seen if m[0] == 0]
+        assert written == [(2, f"u{i}") for i in range(5)]
+
+
 def test_default_timeout_holds_while_calls_with_their_own_come_and_go() -> None:
     # Replies to calls with their own timeout_s= arrive while a default-timeout call waits; the
     # sweep must keep running for the waiting one, with no further calls to restart it.

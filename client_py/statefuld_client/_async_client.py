@@ -58,14 +58,16 @@ def _expire(future: asyncio.Future[Any], method: str, timeout_s: float) -> None:
 class _Connection(asyncio.Protocol):
     """One socket: requests queued during a loop turn go out in one write; replies go to their future."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, newest: int) -> None:
         self.loop = loop
         self.sock = sock
         self.transport: asyncio.Transport | None = None
         # msgid -> the future of its call. Calls are added as they are sent, so this is in the
         # order of sending, which the deadline sweep and connection_lost() rely on.
         self.pending: dict[int, asyncio.Future[Any]] = {}
-        self.newest = 0  # the msgid of the latest call sent (or queued) on this connection
+        # The msgid of the latest call sent (or queued) on this connection; before the first, the
+        # client's latest on any connection. Either way the next call takes newest + 1.
+        self.newest = newest
         # Calls with the client's default timeout (most calls) carry no deadline of their own:
         # while any waits, a sweep runs every _SWEEP_INTERVAL_S and notes the time and the newest
         # msgid, and fails every call sent at or before a note that is default_timeout_s old. So
@@ -460,7 +462,7 @@ class AsyncClient(AsyncAPI):
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, path)
-            _, conn = await loop.create_unix_connection(lambda: _Connection(loop, sock), sock=sock)
+            _, conn = await loop.create_unix_connection(lambda: _Connection(loop, sock, self._msgid), sock=sock)
         except FileNotFoundError as exc:
             sock.close()
             raise SocketNotFoundError(
