@@ -17,19 +17,13 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
-# The daemon's wheel is the compiled build (docs/DEPLOYMENT.md, "The compiled build"): mypyc needs
-# a C compiler; the image's Python has its headers. Only this stage has them.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/*
+# The wheels are built here, so that no build tool or source tree reaches the runtime image.
 WORKDIR /src
 COPY client_py/ client_py/
 COPY sidecar/ sidecar/
 COPY lua_scripts/ lua_scripts/
-# mirrored: build the wheels of both packages (statefuld's compiled) and of every dependency
-RUN HATCH_BUILD_HOOK_ENABLE_MYPYC=true \
-    pip wheel --no-cache-dir --disable-pip-version-check --wheel-dir /wheels ./client_py ./sidecar
+# mirrored: build the wheels of both packages and of every dependency
+RUN pip wheel --no-cache-dir --disable-pip-version-check --wheel-dir /wheels ./client_py ./sidecar
 
 FROM ${PYTHON_IMAGE}
 # A fixed uid/gid, so Kubernetes runAsNonRoot can check it and the application container can

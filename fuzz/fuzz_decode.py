@@ -1,8 +1,9 @@
 """Coverage-guided fuzzing (atheris) of what the daemon does with a peer's bytes, without any I/O.
 
 Each input is split into reads and fed to the daemon's own ``RpcProtocol.data_received`` (the
-unpacker, its size accounting, the message shape checks) with ``rpc.validate`` (every argument
-rule) behind it, on a fake transport and a dispatcher that stops where Redis would begin.
+unpacker, its size accounting, the message shape checks), through the daemon's own calls.py (a
+call's life and its reply) to ``rpc.validate`` (every argument rule), on a fake transport and a
+dispatcher that stops where Redis would begin.
 
 It fails (a crash libFuzzer saves to crash-*) when:
 - data_received raises, or closes the connection for an exception that is not a MessagePack
@@ -24,9 +25,11 @@ from typing import Any
 import atheris
 
 with atheris.instrument_imports(include=["statefuld"]):
+    from statefuld.calls import Calls
     from statefuld.config import Config
-    from statefuld.protocol import RpcProtocol, ServerState
-    from statefuld.rpc import validate
+    from statefuld.metrics import RequestMetrics
+    from statefuld.protocol import Connections, RpcProtocol
+    from statefuld.rpc import METHODS, validate
 
 import msgpack
 
@@ -87,24 +90,14 @@ def _state_rule_ok(value: Any) -> bool:
 class ValidatingDispatcher:
     """rpc.Dispatcher's place: validate like the daemon, check the result, stop before Redis."""
 
-    def __init__(self) -> None:
-        self.requests = 0
-        self.hot: dict[str, Any] = {}  # no hot path: every method goes through start() and validate()
-
-    def start(self, method: Any, params: Any, waiter: Any = None) -> tuple[Any, None]:
-        spec, args = validate(method, params, CONFIG)  # RpcError: the protocol answers it
+    def start(self, name: Any, params: Any) -> Any:
+        spec, args = validate(name, params, CONFIG)  # RpcError: calls.py answers it
         for param, value in zip(spec.params, args, strict=True):
             if _breaks_contract(param, value):
                 raise FuzzFinding(f"validate accepted {param}={value!r} for {spec.name}")
         done = asyncio.get_running_loop().create_future()
         done.set_result("PONG" if spec.name == "ping" else None)
-        return done, None
-
-    def recover(self, method: Any, params: Any, exc: BaseException) -> Any:
-        raise exc
-
-    def end_of_read(self) -> None:
-        pass
+        return done
 
 
 class FakeTransport:
@@ -151,7 +144,7 @@ class CloseReasons(logging.Handler):
 REASONS = CloseReasons()
 logging.getLogger("statefuld").addHandler(REASONS)
 logging.getLogger("statefuld").propagate = False
-STATE = ServerState(CONFIG, ValidatingDispatcher())  # type: ignore[arg-type]
+CONNECTIONS = Connections(CONFIG, Calls(CONFIG, ValidatingDispatcher(), RequestMetrics(METHODS)).session)
 LOOP = asyncio.new_event_loop()
 LOOP_ERRORS: list[str] = []  # an exception in a callback (a flush, a done-callback) is a finding too
 LOOP.set_exception_handler(lambda loop, context: LOOP_ERRORS.append(repr(context.get("exception") or context)))
@@ -159,7 +152,7 @@ LOOP.set_exception_handler(lambda loop, context: LOOP_ERRORS.append(repr(context
 
 async def feed(chunks: list[bytes]) -> FakeTransport:
     transport = FakeTransport()
-    protocol = RpcProtocol(STATE)
+    protocol = RpcProtocol(CONNECTIONS)
     protocol.connection_made(transport)  # type: ignore[arg-type]
     for chunk in chunks:
         if transport.closed:

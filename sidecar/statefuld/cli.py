@@ -15,6 +15,7 @@ import click
 from statefuld import __version__
 from statefuld.config import ENV_PREFIX, Config, option_fields
 from statefuld.errors import EXIT_CONFIG, EXIT_USAGE
+from statefuld.metrics import BOUNDS_S, quantile_ms
 
 
 class OctalInt(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
@@ -201,7 +202,6 @@ def stats(socket_path: str | None, timeout_s: float, watch: bool, interval_s: fl
     With --watch: redrawn every --interval-s, rates and quantiles over the last interval.
     The raw numbers: `statefuld call stats` (JSON), or the Prometheus listener (--metrics-addr).
     """
-    from statefuld.metrics import stats_table
     from statefuld_client import Client, StatefuldError
 
     redraw = sys.stdout.isatty()
@@ -238,3 +238,78 @@ def _get_stats(client: Any, error: type[Exception]) -> dict[str, Any]:
     if not isinstance(result, dict):
         raise error(f"unexpected stats result: {result!r}")
     return result
+
+
+# --- the stats table ------------------------------------------------------------------------
+
+
+def stats_table(snap: dict[str, Any], previous: dict[str, Any] | None = None, interval_s: float | None = None) -> str:
+    """The `statefuld stats` table. With a previous snapshot: rates, quantiles and errors over the
+    interval between the two; else averages since the daemon started."""
+    uptime_s = max(float(snap.get("uptime_s", 0.0)), 1e-9)
+    redis = snap.get("redis", {})
+    lines = [
+        f"statefuld {snap.get('version', '?')}  up {_duration(uptime_s)}  "
+        f"redis {'up' if redis.get('up') else 'DOWN'}  connections {snap.get('connections', 0)}  "
+        f"in flight {snap.get('in_flight', 0)}",
+    ]
+    counters = snap.get("counters", {})
+    writes = int(redis.get("writes", 0))
+    commands = int(redis.get("commands", 0))
+    if previous is not None:
+        prev_redis = previous.get("redis", {})
+        writes -= int(prev_redis.get("writes", 0))
+        commands -= int(prev_redis.get("commands", 0))
+    batch = f"{commands / writes:.1f}" if writes > 0 else "-"
+    lines.append(
+        f"shed {counters.get('overloaded', 0)}  timeouts {counters.get('timeouts', 0)}  "
+        f"failed notifications {counters.get('notification_failures', 0)}  "
+        f"script reloads {redis.get('script_reloads', 0)}  redis commands/write {batch}"
+    )
+    bounds_s = [b / 1000 for b in snap.get("latency_bounds_ms", [b * 1000 for b in BOUNDS_S])]
+    span = "last " + _duration(interval_s) if previous is not None and interval_s else "since start"
+    rows = [("METHOD", "COUNT", f"RATE/S ({span})", "P50", "P99", "ERRORS")]
+    prev_methods = previous.get("methods", {}) if previous is not None else {}
+    for name, m in sorted(snap.get("methods", {}).items()):
+        count = int(m["count"])
+        buckets = list(m["latency_buckets"])
+        errors = dict(m["errors"])
+        if previous is not None:
+            before = prev_methods.get(name, {"count": 0, "latency_buckets": [0] * len(buckets), "errors": {}})
+            count -= int(before["count"])
+            buckets = [a - b for a, b in zip(buckets, before["latency_buckets"], strict=True)]
+            errors = {code: n - int(before["errors"].get(code, 0)) for code, n in errors.items()}
+            errors = {code: n for code, n in errors.items() if n}
+            rate = count / interval_s if interval_s else 0.0
+        else:
+            rate = count / uptime_s
+        rows.append((
+            name, str(count), f"{rate:.1f}",
+            _ms(quantile_ms(buckets, 0.50, bounds_s)), _ms(quantile_ms(buckets, 0.99, bounds_s)),
+            ", ".join(f"{code} {n}" for code, n in sorted(errors.items())) or "0",
+        ))
+    if len(rows) == 1:
+        rows.append(("(no calls yet)", "", "", "", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:5], widths[1:5], strict=True)]
+        lines.append("  ".join([*cells, row[5]]).rstrip())
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 1:
+        return f"{value * 1000:.0f}us"
+    return f"{value:.2f}ms" if value < 100 else f"{value:.0f}ms"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

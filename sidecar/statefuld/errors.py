@@ -1,4 +1,8 @@
-"""Errors that travel back to the caller as ``{"code": ..., "message": ...}``."""
+"""The errors a call can end with, each code defined once, and the process exit codes.
+
+An ``RpcError`` travels back to the caller as ``{"code": ..., "message": ...}``; any other
+exception that reaches calls.py is a bug, answered INTERNAL and logged with its traceback.
+"""
 
 from __future__ import annotations
 
@@ -38,9 +42,19 @@ class Overloaded(RpcError):
     code = "OVERLOADED"
 
 
+class FailedPrecondition(RpcError):
+    """The call cannot work with this Redis's set-up; the message says what to change."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class Internal(RpcError):
     code = "INTERNAL"
 
+
+# Every code a call can end with, "OK" first: the metrics count calls by these.
+CODES = ("OK", *(cls.code for cls in (InvalidArgument, UnknownMethod, Unavailable, DeadlineExceeded, Overloaded,
+                                     FailedPrecondition, Internal)))
 
 # Process exit codes (sysexits.h), distinct so systemd and operators can tell start-up failures apart.
 EXIT_OK = 0

@@ -1,76 +1,30 @@
-"""Every operation of the contract as Redis work. The only module that knows Redis commands
-and key formats (docs/OPERATIONS.md has the layout, shared with the Go and Java executors).
+"""Every operation of the contract as Redis work. The only module that knows Redis commands and
+key formats (docs/OPERATIONS.md has the layout, shared with the older in-process executors).
 
-Commands reach Redis through a ``Transport``: ``execute(route_key, *args)`` sends one command
-whose keys all share ``route_key``'s hash slot. The standalone transport is one multiplexed
-connection (redis_mux: a turn's commands in one write); a cluster transport routes by slot to
-one such connection per primary. Callers of the executor never see which.
+A method that is one command returns the transport's future, its reply decoded inside the read
+that brought it (no coroutine); a method of several steps is a coroutine. rpc.Dispatcher hands
+either to calls.py, which awaits both alike.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, Protocol
+from collections.abc import Awaitable, Sequence
+from typing import Any
 
 from statefuld.config import Config
 from statefuld.errors import Internal, Unavailable
-from statefuld.redis_mux import CRLF, Endpoint, RedisMux, ReplyError, Waiter, bulk_head, command_head, encode_get
+from statefuld.redis_mux import ReplyError
 from statefuld.scripts import Scripts, load_scripts
-from statefuld.topology import ClusterTransport, SentinelTransport, SentinelUrl, detect_cluster, is_sentinel_url
+from statefuld.transports import Transport, detect_mode, make_transport
 
 log = logging.getLogger("statefuld.executor")
 
 HEALTH_TIMEOUT_S = 1.0
-# Error replies that mean "this Redis cannot serve now", not "this request is wrong".
-_UNAVAILABLE_REPLIES = frozenset({"LOADING", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "NOREPLICAS"})
-
-
-class Transport(Protocol):
-    def execute(self, route_key: str, *args: Any) -> Awaitable[Any]: ...
-    def execute_any(self, *args: Any) -> Awaitable[Any]: ...
-    def group_by_node(self, keys: Sequence[str]) -> list[list[int]]: ...
-    async def on_every_node(self, *args: Any) -> list[Any]: ...
-    async def connect(self) -> None: ...
-    async def close(self) -> None: ...
-    def describe(self) -> str: ...
-
-
-class StandaloneTransport:
-    """One Redis server (or whatever one URL names): every key lives on the one node."""
-
-    def __init__(self, endpoint: Endpoint) -> None:
-        self._mux = RedisMux(endpoint)
-        # One node, nothing to route: the mux's own execute_to(waiter, args) is this transport's.
-        self.execute_to = self._mux.execute_to
-
-    def execute(self, route_key: str, *args: Any) -> Awaitable[Any]:
-        return self._mux.execute(*args)
-
-    def execute_any(self, *args: Any) -> Awaitable[Any]:
-        return self._mux.execute(*args)
-
-    def group_by_node(self, keys: Sequence[str]) -> list[list[int]]:
-        return [list(range(len(keys)))] if keys else []
-
-    async def on_every_node(self, *args: Any) -> list[Any]:
-        return [await self._mux.execute(*args)]
-
-    async def connect(self) -> None:
-        await self._mux.connect()
-
-    async def close(self) -> None:
-        await self._mux.close()
-
-    def describe(self) -> str:
-        return self._mux.endpoint.describe()
-
-    def stats(self) -> dict[str, int]:
-        return self._mux.stats()
+MAX_POD_ID = 2**31 - 1
 
 
 class Keys:
@@ -96,38 +50,27 @@ class Keys:
         return f"{self.prefix}:{{{ns}:lk:{uid}}}{service}"
 
 
+# --- what stored values mean ---------------------------------------------------------------------
+
+
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-MAX_POD_ID = 2**31 - 1
-
-
-# The ids pods have in practice (StatefulSet ordinals, small indices) as Redis returns them: a
-# get_linked_pod's reply is decoded with one dict lookup instead of isdigit() and int().
-_SMALL_POD_IDS: Final[dict[bytes, int]] = {b"%d" % pod: pod for pod in range(1024)}
-
-
-def _parse_pod_id(raw: bytes) -> int | None:
-    """The pod id a stored value holds, or None if it holds something else."""
-    pod = _SMALL_POD_IDS.get(raw)
-    # bytes.isdigit() is ASCII digits only. Larger ids are another tool's data, not pods (and
-    # msgpack cannot carry every such integer in a reply).
-    if pod is None and raw.isdigit():
-        pod = int(raw)
-        if pod > MAX_POD_ID:
-            return None
-    return pod
-
-
-def _is_pod_id(raw: bytes) -> bool:
-    return _parse_pod_id(raw) is not None
+def parse_pod_id(raw: bytes) -> int | None:
+    """The pod id a stored value holds (ASCII decimal digits, 0..2^31-1), or None if it holds
+    something else: another tool's data, not a pod."""
+    # bytes.isdigit() is ASCII digits only.
+    if not raw.isdigit():
+        return None
+    pod = int(raw)
+    return pod if pod <= MAX_POD_ID else None
 
 
 def _pod_id(raw: bytes | None) -> int | None:
     if raw is None:
         return None
-    pod = _parse_pod_id(raw)
+    pod = parse_pod_id(raw)
     if pod is None:
         raise Internal(f"a stored pod id is not a decimal integer in 0..{MAX_POD_ID}")
     return pod
@@ -136,7 +79,7 @@ def _pod_id(raw: bytes | None) -> int | None:
 def _held_pod_id(raw: bytes) -> int:
     """The link that made a script refuse (it wrote nothing). A value that is not a pod id
     (another tool's data) still holds the user, but cannot be answered as one."""
-    pod = _parse_pod_id(raw)
+    pod = parse_pod_id(raw)
     if pod is not None:
         return pod
     raise Internal(
@@ -145,72 +88,36 @@ def _held_pod_id(raw: bytes) -> int:
     )
 
 
-def _map_reply_error(exc: ReplyError) -> Exception:
-    if exc.code in _UNAVAILABLE_REPLIES:
-        return Unavailable(f"Redis cannot serve now: {exc.message[:200]}")
-    return Internal(f"Redis error: {exc.message[:200]}")
+def _nil(_reply: Any) -> None:
+    return None
 
 
-def _redis_kwargs(config: Config, tls: bool) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    if config.redis_username:
-        kwargs["username"] = config.redis_username
-    if config.redis_password:
-        kwargs["password"] = config.redis_password
-    if tls:
-        kwargs["ssl_ca_certs"] = config.redis_tls_ca_file
-        kwargs["ssl_certfile"] = config.redis_tls_cert_file
-        kwargs["ssl_keyfile"] = config.redis_tls_key_file
-    return kwargs
+def _optional_text(raw: bytes | None) -> str | None:
+    return None if raw is None else _text(raw)
 
 
-def _endpoint(url: str, config: Config, tls: bool) -> Endpoint:
-    """``url`` as redis-py parses it, with the daemon's credentials, TLS files and busy polling."""
-    endpoint = Endpoint.from_url(url, **_redis_kwargs(config, tls))
-    return dataclasses.replace(endpoint, busy_poll_s=config.busy_poll_us / 1_000_000)
+def _pod_states(flat: list[bytes]) -> dict[int, str]:
+    # Fields that are not decimal pod ids (another tool's data) are not pods: skip them.
+    states: dict[int, str] = {}
+    for i in range(0, len(flat), 2):
+        pod = parse_pod_id(flat[i])
+        if pod is not None:
+            states[pod] = _text(flat[i + 1])
+    return states
 
 
-def _sentinel_transport(url: str, config: Config) -> SentinelTransport:
-    parsed = SentinelUrl.parse(url)
-    # The primary: --redis-username and STATEFULD_REDIS_PASSWORD, as for any Redis. The
-    # sentinels: the credentials in the URL (sentinels often have their own password, or none).
-    primary = _endpoint(parsed.node_url(parsed.sentinels[0]), config, parsed.tls)
-    sentinel = dataclasses.replace(
-        primary, db=0, username=parsed.username, password=parsed.password, credential_provider=None
-    )
-    return SentinelTransport(
-        [dataclasses.replace(sentinel, host=h, port=p) for h, p in parsed.sentinels], parsed.master_name, primary
-    )
+def _link_services(flat: list[bytes]) -> dict[str, int]:
+    links: dict[str, int] = {}
+    for i in range(0, len(flat), 2):
+        pod = parse_pod_id(flat[i + 1])
+        if pod is not None:
+            links[_text(flat[i])] = pod
+    return links
 
 
-def make_transport(config: Config, mode: str | None = None) -> Transport:
-    """The transport for ``mode`` (default ``config.redis_mode``). Without I/O, "auto" can only
-    tell a sentinel URL; ``detect_mode`` asks Redis whether a plain URL names a cluster node."""
-    url = config.redis_url
-    if url is None:
-        raise ValueError("no Redis URL (the embedded Redis provides one)")
-    mode = mode or config.redis_mode
-    if is_sentinel_url(url):
-        if mode not in ("auto", "sentinel"):
-            raise ValueError(f"a redis+sentinel:// URL cannot be used with redis_mode {mode!r}")
-        return _sentinel_transport(url, config)
-    if mode == "sentinel":
-        raise ValueError("redis_mode sentinel needs a redis+sentinel://host:port[,host:port...]/MASTER_NAME URL")
-    endpoint = _endpoint(url, config, url.startswith("rediss://"))
-    if mode == "cluster":
-        return ClusterTransport(endpoint)
-    return StandaloneTransport(endpoint)
-
-
-async def detect_mode(config: Config) -> str:
-    """``config.redis_mode``, with "auto" resolved: sentinel by URL, cluster if the node says so."""
-    url = config.redis_url
-    if config.redis_mode != "auto" or url is None:
-        return config.redis_mode
-    if is_sentinel_url(url):
-        return "sentinel"
-    endpoint = _endpoint(url, config, url.startswith("rediss://"))
-    return "cluster" if await detect_cluster(endpoint) else "standalone"
+def _try_set_result(reply: list[Any]) -> tuple[bool, int]:
+    ok, current = reply
+    return (True, int(current)) if ok else (False, _held_pod_id(current))
 
 
 class Executor:
@@ -224,19 +131,11 @@ class Executor:
         load_stale_ms: int = 10_000,
     ) -> None:
         self._redis = transport
-        # A transport with one node can hand a reply to a redis_mux.Waiter (no future): it has
-        # execute_to(waiter, command), RedisMux.execute_to, which takes the command in RESP.
-        self._execute_to: Callable[[Waiter, bytes], bool] | None = getattr(transport, "execute_to", None)
-        self._set_linked_pod_sha = scripts["set_linked_pod"].sha
-        # EVALSHA sha 2 hash_key key service pod_id persist_seconds: the first three words, encoded once.
-        self._set_linked_pod_head = command_head(8, "EVALSHA", self._set_linked_pod_sha, 2)
         self._scripts = scripts
         self.keys = keys
         self._routable_states = tuple(routable_states)
         self._load_stale_ms = load_stale_ms
         self._warned_unreadable_previous = False
-        # Bound once: the hot path hands it out with every set_linked_pod.
-        self._decode_previous: Callable[[Any], int | None] = self._previous_pod_id
 
     @classmethod
     async def connect(cls, config: Config) -> Executor:
@@ -270,8 +169,8 @@ class Executor:
                 if remaining <= 0:
                     if transport is not None:
                         await transport.close()
-                    if isinstance(exc, ReplyError):
-                        raise _map_reply_error(exc) from exc
+                    if not isinstance(exc, (Unavailable, TimeoutError)):
+                        raise  # NOPERM, a SHA mismatch...: no retry mends it
                     raise Unavailable(str(exc) or "Redis did not answer in time") from exc
                 where = transport.describe() if transport is not None else "the configured URL"
                 log.warning("Redis at %s not ready yet: %s", where, exc)
@@ -293,8 +192,7 @@ class Executor:
 
     def transport_stats(self) -> dict[str, int]:
         """The transport's counters for the metrics: commands, writes (and switches, Sentinel)."""
-        stats: Callable[[], dict[str, int]] | None = getattr(self._redis, "stats", None)
-        return stats() if stats is not None else {}
+        return self._redis.stats()
 
     def describe_transport(self) -> str:
         return self._redis.describe()
@@ -310,23 +208,15 @@ class Executor:
 
     # --- plumbing ----------------------------------------------------------------------------
 
-    async def _call(self, route_key: str, *args: Any) -> Any:
-        try:
-            return await self._redis.execute(route_key, *args)
-        except ReplyError as exc:
-            raise _map_reply_error(exc) from exc
-
-    async def _script(self, name: str, keys: Sequence[str], *args: Any) -> Any:
-        try:
-            return await self._scripts.run(self._redis, name, keys, args)
-        except ReplyError as exc:
-            raise _map_reply_error(exc) from exc
+    def _script(self, name: str, keys: Sequence[str], *args: Any, decode: Any = None) -> Awaitable[Any]:
+        return self._scripts.run(self._redis, name, keys, args, decode)
 
     async def _mget(self, keys: Sequence[str]) -> list[bytes | None]:
         """MGET across nodes: one command per node (its keys), never one per key."""
         values: list[bytes | None] = [None] * len(keys)
         groups = self._redis.group_by_node(keys)
-        replies = await asyncio.gather(*[self._call(keys[g[0]], "MGET", *[keys[i] for i in g]) for g in groups])
+        replies = await asyncio.gather(*[self._redis.execute(keys[g[0]], "MGET", *[keys[i] for i in g])
+                                         for g in groups])
         for group, reply in zip(groups, replies, strict=True):
             for index, value in zip(group, reply, strict=True):
                 values[index] = value
@@ -334,28 +224,21 @@ class Executor:
 
     # --- pod and workload states -------------------------------------------------------------
 
-    async def set_service_state(self, ns: str, service: str, pod_id: int, state: str) -> None:
+    def set_service_state(self, ns: str, service: str, pod_id: int, state: str) -> Awaitable[None]:
         key = self.keys.service_state(ns, service)
-        await self._call(key, "HSET", key, pod_id, state)
+        return self._redis.execute(key, "HSET", key, pod_id, state, decode=_nil)
 
-    async def get_service_state(self, ns: str, service: str) -> dict[int, str]:
+    def get_service_state(self, ns: str, service: str) -> Awaitable[dict[int, str]]:
         key = self.keys.service_state(ns, service)
-        flat = await self._call(key, "HGETALL", key)
-        # Fields that are not decimal pod ids (another tool's data) are not pods: skip them.
-        return {
-            int(flat[i]): _text(flat[i + 1])
-            for i in range(0, len(flat), 2)
-            if _is_pod_id(flat[i])
-        }
+        return self._redis.execute(key, "HGETALL", key, decode=_pod_states)
 
-    async def set_workload_state(self, ns: str, service: str, state: str) -> None:
+    def set_workload_state(self, ns: str, service: str, state: str) -> Awaitable[None]:
         key = self.keys.workload_state(ns, service)
-        await self._call(key, "SET", key, state)
+        return self._redis.execute(key, "SET", key, state, decode=_nil)
 
-    async def get_workload_state(self, ns: str, service: str) -> str | None:
+    def get_workload_state(self, ns: str, service: str) -> Awaitable[str | None]:
         key = self.keys.workload_state(ns, service)
-        raw = await self._call(key, "GET", key)
-        return None if raw is None else _text(raw)
+        return self._redis.execute(key, "GET", key, decode=_optional_text)
 
     async def get_workload_state_batch(self, ns: str, services: list[str]) -> dict[str, str]:
         unique = list(dict.fromkeys(services))
@@ -374,7 +257,7 @@ class Executor:
         # logged (it may be user data), and only once, so a migration cannot flood the log.
         if raw is None:
             return None
-        pod = _parse_pod_id(raw)
+        pod = parse_pod_id(raw)
         if pod is not None:
             return pod
         if not self._warned_unreadable_previous:
@@ -386,70 +269,27 @@ class Executor:
             )
         return None
 
-    async def set_linked_pod(self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int) -> int | None:
-        previous = await self._script(
-            "set_linked_pod", self._link_keys(ns, uid, service), service, pod_id, persist_seconds
-        )
-        return self._previous_pod_id(previous)
+    def set_linked_pod(self, ns: str, uid: str, service: str, pod_id: int,
+                       persist_seconds: int) -> Awaitable[int | None]:
+        return self._script("set_linked_pod", self._link_keys(ns, uid, service), service, pod_id, persist_seconds,
+                            decode=self._previous_pod_id)
 
-    async def try_set_linked_pod(
-        self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int
-    ) -> tuple[bool, int]:
-        ok, current = await self._script(
-            "try_set_linked_pod", self._link_keys(ns, uid, service), service, pod_id, persist_seconds
-        )
-        if ok:
-            return True, pod_id  # the script echoes pod_id back: nothing stored to decode
-        return False, _held_pod_id(current)
+    def try_set_linked_pod(self, ns: str, uid: str, service: str, pod_id: int,
+                           persist_seconds: int) -> Awaitable[tuple[bool, int]]:
+        return self._script("try_set_linked_pod", self._link_keys(ns, uid, service), service, pod_id,
+                            persist_seconds, decode=_try_set_result)
 
-    async def set_linked_pod_if_absent(
-        self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int
-    ) -> int:
-        current = await self._script(
-            "set_linked_pod_if_absent", self._link_keys(ns, uid, service), service, pod_id, persist_seconds
-        )
-        return _held_pod_id(current)
+    def set_linked_pod_if_absent(self, ns: str, uid: str, service: str, pod_id: int,
+                                 persist_seconds: int) -> Awaitable[int]:
+        return self._script("set_linked_pod_if_absent", self._link_keys(ns, uid, service), service, pod_id,
+                            persist_seconds, decode=_held_pod_id)
 
-    async def get_linked_pod(self, ns: str, uid: str, service: str) -> int | None:
+    def get_linked_pod(self, ns: str, uid: str, service: str) -> Awaitable[int | None]:
         key = self.keys.link(ns, uid, service)
-        return _pod_id(await self._call(key, "GET", key))
+        return self._redis.execute(key, "GET", key, decode=_pod_id)
 
-    # --- the hot path: the command sent, no coroutine --------------------------------------------
-    # The raw reply goes to ``waiter`` (then the awaitable returned is None) or, on transports
-    # without execute_to, to the future returned; the second item decodes it. The server answers
-    # from there (rpc.Dispatcher.hot / start); an error reply reaches it as a ReplyError and goes
-    # through reply_error (NOSCRIPT: the full path, which reloads the script).
-
-    def begin_get_linked_pod(
-        self, ns: str, uid: str, service: str, waiter: Waiter | None = None
-    ) -> tuple[Awaitable[Any] | None, Callable[[Any], Any]]:
-        key = self.keys.link(ns, uid, service)
-        if waiter is not None and self._execute_to is not None and self._execute_to(waiter, encode_get(key)):
-            return None, _pod_id
-        return self._redis.execute(key, "GET", key), _pod_id
-
-    def begin_set_linked_pod(
-        self, ns: str, uid: str, service: str, pod_id: int, persist_seconds: int, waiter: Waiter | None = None
-    ) -> tuple[Awaitable[Any] | None, Callable[[Any], Any]]:
-        hash_key, key = self._link_keys(ns, uid, service)
-        if waiter is not None and self._execute_to is not None:
-            # The head (EVALSHA sha 2) is encoded once; the five words after it, one bulk each,
-            # in one join (redis_mux, "RESP for the hot path").
-            h, k, s, p, t = hash_key.encode(), key.encode(), service.encode(), b"%d" % pod_id, b"%d" % persist_seconds
-            command = b"".join((self._set_linked_pod_head, bulk_head(len(h)), h, CRLF, bulk_head(len(k)), k, CRLF,
-                                bulk_head(len(s)), s, CRLF, bulk_head(len(p)), p, CRLF, bulk_head(len(t)), t, CRLF))
-            if self._execute_to(waiter, command):
-                return None, self._decode_previous
-        return self._redis.execute(hash_key, "EVALSHA", self._set_linked_pod_sha, 2, hash_key, key, service, pod_id,
-                                   persist_seconds), self._decode_previous
-
-    @staticmethod
-    def reply_error(exc: ReplyError) -> Exception:
-        """The RpcError that answers a Redis error reply."""
-        return _map_reply_error(exc)
-
-    async def get_linked_pod_if_persist(self, ns: str, uid: str, service: str) -> int | None:
-        return _pod_id(await self._script("get_linked_pod_if_persist", self._link_keys(ns, uid, service)))
+    def get_linked_pod_if_persist(self, ns: str, uid: str, service: str) -> Awaitable[int | None]:
+        return self._script("get_linked_pod_if_persist", self._link_keys(ns, uid, service), decode=_pod_id)
 
     async def batch_get_linked_pod(self, ns: str, uids: list[str], service: str) -> dict[int, list[str]]:
         unique = list(dict.fromkeys(uids))
@@ -461,34 +301,24 @@ class Executor:
                 by_pod.setdefault(pod, []).append(uid)
         return by_pod
 
-    async def remove_linked_pod(self, ns: str, uid: str, service: str, persist_seconds: int) -> bool:
-        existed = await self._script(
-            "remove_linked_pod", self._link_keys(ns, uid, service), service, persist_seconds
-        )
-        return bool(existed)
+    def remove_linked_pod(self, ns: str, uid: str, service: str, persist_seconds: int) -> Awaitable[bool]:
+        return self._script("remove_linked_pod", self._link_keys(ns, uid, service), service, persist_seconds,
+                            decode=bool)
 
-    async def remove_linked_pod_with_id(
-        self, ns: str, uid: str, service: str, persist_seconds: int, pod_id: int
-    ) -> bool:
-        removed = await self._script(
-            "remove_linked_pod_with_id", self._link_keys(ns, uid, service), service, persist_seconds, pod_id
-        )
-        return bool(removed)
+    def remove_linked_pod_with_id(self, ns: str, uid: str, service: str, persist_seconds: int,
+                                  pod_id: int) -> Awaitable[bool]:
+        return self._script("remove_linked_pod_with_id", self._link_keys(ns, uid, service), service,
+                            persist_seconds, pod_id, decode=bool)
 
-    async def get_link_service(self, ns: str, uid: str) -> dict[str, int]:
+    def get_link_service(self, ns: str, uid: str) -> Awaitable[dict[str, int]]:
         key = self.keys.link_hash(ns, uid)
-        flat = await self._call(key, "HGETALL", key)
-        links: dict[str, int] = {}
-        for i in range(0, len(flat), 2):
-            if _is_pod_id(flat[i + 1]):
-                links[_text(flat[i])] = int(flat[i + 1])
-        return links
+        return self._redis.execute(key, "HGETALL", key, decode=_link_services)
 
     # --- placement (contract section 2b) -----------------------------------------------------
 
-    async def report_pod_load(self, ns: str, service: str, pod_id: int, load: int) -> None:
+    def report_pod_load(self, ns: str, service: str, pod_id: int, load: int) -> Awaitable[None]:
         key = self.keys.pod_load(ns, service)
-        await self._script("report_pod_load", (key,), pod_id, load)
+        return self._script("report_pod_load", (key,), pod_id, load, decode=_nil)
 
     async def compute_linked_pod(self, ns: str, uid: str, service: str, persist_seconds: int) -> int | None:
         existing = await self.get_linked_pod(ns, uid, service)

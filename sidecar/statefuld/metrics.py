@@ -1,12 +1,11 @@
-"""How the daemon watches Redis, and how its counts (counters.py) and the rest of its state are
-shown: the `stats` method's map and the Prometheus exposition (docs/OPERATIONS.md,
-"Observability", lists every metric).
+"""What the daemon counts, how it watches Redis, and how both are shown: the `stats` method's
+map and the Prometheus exposition (docs/OPERATIONS.md, "Observability", lists every metric).
 
-The hot path pays only for plain ints: ``counters.RequestMetrics`` keeps, per method, a list of
-counts by outcome code and a list of latency bucket counts, incremented in place (no prometheus_client
-object, no label lookup per request). ``Observer.snapshot`` reads them with the rest of the daemon's
-state on the event loop; the Prometheus collector asks the loop for one snapshot per scrape, so the
-numbers of one scrape agree with each other.
+A call pays only for plain ints: ``RequestMetrics`` keeps, per method, a list of counts by outcome
+code and a list of latency bucket counts, incremented in place (no prometheus_client object, no
+label lookup per call). ``Observer.snapshot`` reads them with the rest of the daemon's state on
+the event loop; the Prometheus collector asks the loop for one snapshot per scrape, so the numbers
+of one scrape agree with each other.
 
 This module imports nothing heavy at the top: the CLI uses its helpers (``quantile_ms``) without
 loading the daemon, and prometheus_client is loaded only when a listener is configured.
@@ -19,19 +18,69 @@ import concurrent.futures
 import ipaddress
 import logging
 import time
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
-from statefuld import __version__, build
-from statefuld.counters import BOUNDS_S, CODES, OK
+from statefuld import __version__
+from statefuld.errors import CODES
 
 if TYPE_CHECKING:
+    from statefuld.calls import Calls
     from statefuld.executor import Executor
-    from statefuld.protocol import ServerState
+    from statefuld.protocol import Connections
 
 log = logging.getLogger("statefuld.metrics")
 
 REDIS_CHECK_INTERVAL_S: Final = 1.0
 _SCRAPE_TIMEOUT_S: Final = 5.0
+
+_CODE_INDEX: Final = {code: i for i, code in enumerate(CODES)}
+# Calls whose method is not in the table are counted under this one name, so a client sending
+# made-up names cannot create unbounded label values.
+UNKNOWN_METHOD_LABEL: Final = "unknown"
+# Upper bounds (seconds) of the latency buckets; one more bucket (+Inf) follows.
+BOUNDS_S: Final = (
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)
+
+
+class MethodStats:
+    """One method's counts: ``codes[i]`` calls ended with CODES[i]; ``buckets[i]`` calls that ran
+    took at most BOUNDS_S[i] (the last bucket: longer); ``sum_s`` their total time."""
+
+    __slots__ = ("buckets", "codes", "sum_s")
+
+    def __init__(self) -> None:
+        self.codes = [0] * len(CODES)
+        self.buckets = [0] * (len(BOUNDS_S) + 1)
+        self.sum_s = 0.0
+
+
+class RequestMetrics:
+    """Per-method counts of every call (requests and notifications), by outcome code; calls that
+    ran (not refused at once) also by latency, from the read that brought them to their end."""
+
+    def __init__(self, method_names: Iterable[str]) -> None:
+        self.by_method: dict[str, MethodStats] = {name: MethodStats() for name in method_names}
+        self.unknown = MethodStats()
+
+    def count(self, method: str, code: str, seconds: float | None) -> None:
+        stats = self.by_method.get(method, self.unknown)
+        stats.codes[_CODE_INDEX[code]] += 1
+        if seconds is not None:
+            stats.buckets[bisect_left(BOUNDS_S, seconds)] += 1
+            stats.sum_s += seconds
+
+    def total(self, code: str) -> int:
+        """Calls of every method that ended with ``code``."""
+        index = _CODE_INDEX[code]
+        return sum(stats.codes[index] for _, stats in self.items())
+
+    def items(self) -> Iterator[tuple[str, MethodStats]]:
+        yield from self.by_method.items()
+        yield UNKNOWN_METHOD_LABEL, self.unknown
 
 
 def quantile_ms(buckets: list[int], q: float, bounds_s: tuple[float, ...] | list[float] = BOUNDS_S) -> float | None:
@@ -111,8 +160,9 @@ class RedisWatch:
 class Observer:
     """The daemon's numbers in one map: the `stats` method's result, and what a scrape exports."""
 
-    def __init__(self, state: ServerState, executor: Executor, redis: RedisWatch) -> None:
-        self._state = state
+    def __init__(self, calls: Calls, connections: Connections, executor: Executor, redis: RedisWatch) -> None:
+        self._calls = calls
+        self._connections = connections
         self._executor = executor
         self._redis = redis
         self.started_at = time.time()
@@ -120,16 +170,16 @@ class Observer:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything, read in one go on the event loop. Methods never called are left out."""
-        state = self._state
+        calls, connections = self._calls, self._connections
         methods: dict[str, Any] = {}
-        for name, stats in state.metrics.items():
+        for name, stats in calls.metrics.items():
             count = sum(stats.codes)
             if not count:
                 continue
             buckets = list(stats.buckets)
             methods[name] = {
                 "count": count,
-                "errors": {CODES[i]: n for i, n in enumerate(stats.codes) if i != OK and n},
+                "errors": {CODES[i]: n for i, n in enumerate(stats.codes) if i != 0 and n},
                 "p50_ms": quantile_ms(buckets, 0.50),
                 "p99_ms": quantile_ms(buckets, 0.99),
                 "latency_buckets": buckets,
@@ -138,13 +188,12 @@ class Observer:
         transport = self._executor.transport_stats()
         return {
             "version": __version__,
-            "build": build.kind(),
             "start_time_s": self.started_at,
             "uptime_s": time.monotonic() - self._started_monotonic,
             "methods": methods,
             "latency_bounds_ms": [b * 1000 for b in BOUNDS_S],
-            "in_flight": state.in_flight,
-            "connections": len(state.connections),
+            "in_flight": len(calls.in_flight),
+            "connections": len(connections.open),
             "redis": {
                 "up": self._redis.up,
                 "commands": int(transport.get("commands", 0)),
@@ -152,7 +201,17 @@ class Observer:
                 "primary_switches": int(transport.get("switches", 0)),
                 "script_reloads": self._executor.script_reloads,
             },
-            "counters": state.counters(),
+            "counters": {
+                "requests": calls.requests,
+                "notifications": calls.notifications,
+                "overloaded": calls.metrics.total("OVERLOADED"),
+                "timeouts": calls.metrics.total("TIMEOUT"),
+                "internal_errors": calls.metrics.total("INTERNAL"),
+                "notification_failures": calls.notification_failures,
+                "connections_closed_malformed": connections.closed_malformed,
+                "connections_accepted": connections.accepted,
+                "connections_refused": connections.refused,
+            },
         }
 
 
@@ -221,9 +280,8 @@ def families(snap: dict[str, Any]) -> list[Any]:
     for name, doc, key in _COUNTERS:
         counter(name, doc, snap["counters"].get(key, 0))
     gauge("statefuld_start_time_seconds", "Start time of the daemon, seconds since the epoch.", snap["start_time_s"])
-    info = GaugeMetricFamily("statefuld_build_info", "The daemon's version and build (value 1).",
-                             labels=("version", "build"))
-    info.add_metric((snap["version"], snap["build"]), 1)
+    info = GaugeMetricFamily("statefuld_build_info", "The daemon's version (value 1).", labels=("version",))
+    info.add_metric((snap["version"],), 1)
     result.append(info)
     return result
 
@@ -308,75 +366,3 @@ class MetricsListener:
 
 def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def stats_table(snap: dict[str, Any], previous: dict[str, Any] | None = None, interval_s: float | None = None) -> str:
-    """The `statefuld stats` table. With a previous snapshot: rates, quantiles and errors over the
-    interval between the two; else averages since the daemon started."""
-    uptime_s = max(float(snap.get("uptime_s", 0.0)), 1e-9)
-    redis = snap.get("redis", {})
-    lines = [
-        f"statefuld {snap.get('version', '?')} ({snap.get('build', '?')})  up {_duration(uptime_s)}  "
-        f"redis {'up' if redis.get('up') else 'DOWN'}  connections {snap.get('connections', 0)}  "
-        f"in flight {snap.get('in_flight', 0)}",
-    ]
-    counters = snap.get("counters", {})
-    writes = int(redis.get("writes", 0))
-    commands = int(redis.get("commands", 0))
-    if previous is not None:
-        prev_redis = previous.get("redis", {})
-        writes -= int(prev_redis.get("writes", 0))
-        commands -= int(prev_redis.get("commands", 0))
-    batch = f"{commands / writes:.1f}" if writes > 0 else "-"
-    lines.append(
-        f"shed {counters.get('overloaded', 0)}  timeouts {counters.get('timeouts', 0)}  "
-        f"failed notifications {counters.get('notification_failures', 0)}  "
-        f"script reloads {redis.get('script_reloads', 0)}  redis commands/write {batch}"
-    )
-    bounds_s = [b / 1000 for b in snap.get("latency_bounds_ms", [b * 1000 for b in BOUNDS_S])]
-    span = "last " + _duration(interval_s) if previous is not None and interval_s else "since start"
-    rows = [("METHOD", "COUNT", f"RATE/S ({span})", "P50", "P99", "ERRORS")]
-    prev_methods = previous.get("methods", {}) if previous is not None else {}
-    for name, m in sorted(snap.get("methods", {}).items()):
-        count = int(m["count"])
-        buckets = list(m["latency_buckets"])
-        errors = dict(m["errors"])
-        if previous is not None:
-            before = prev_methods.get(name, {"count": 0, "latency_buckets": [0] * len(buckets), "errors": {}})
-            count -= int(before["count"])
-            buckets = [a - b for a, b in zip(buckets, before["latency_buckets"], strict=True)]
-            errors = {code: n - int(before["errors"].get(code, 0)) for code, n in errors.items()}
-            errors = {code: n for code, n in errors.items() if n}
-            rate = count / interval_s if interval_s else 0.0
-        else:
-            rate = count / uptime_s
-        rows.append((
-            name, str(count), f"{rate:.1f}",
-            _ms(quantile_ms(buckets, 0.50, bounds_s)), _ms(quantile_ms(buckets, 0.99, bounds_s)),
-            ", ".join(f"{code} {n}" for code, n in sorted(errors.items())) or "0",
-        ))
-    if len(rows) == 1:
-        rows.append(("(no calls yet)", "", "", "", "", ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:5], widths[1:5], strict=True)]
-        lines.append("  ".join([*cells, row[5]]).rstrip())
-    return "\n".join(lines)
-
-
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value < 1:
-        return f"{value * 1000:.0f}us"
-    return f"{value:.2f}ms" if value < 100 else f"{value:.0f}ms"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

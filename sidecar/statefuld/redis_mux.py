@@ -1,17 +1,14 @@
 """One multiplexed Redis connection: the commands of an event-loop turn leave in one write.
 
-Why not redis-py on the hot path: redis-py sends a command and awaits its reply on a connection
-taken from a pool, so N concurrent requests cost N round trips and N syscall pairs, and its
-per-call Python overhead (pool checkout, retry wrapper, response callbacks) dominates a one-key
-script. Here every caller of a turn appends its RESP-encoded command (``encode_command``, or one
-of the hot path's own encoders below) to one buffer, one ``transport.write`` sends them all, and
-``hiredis.Reader`` parses the replies, which Redis returns in order, so the N-th reply answers the
-N-th queued future (docs/BENCHMARKS.md has the measured comparison).
+redis-py sends a command and awaits its reply on a connection taken from a pool, so N concurrent
+requests cost N round trips and N syscall pairs. Here every caller of a turn appends its command,
+RESP-encoded by ``hiredis.pack_command``, to one buffer; one ``transport.write`` sends them all,
+and ``hiredis.Reader`` parses the replies, which Redis returns in order, so the N-th reply answers
+the N-th command (docs/BENCHMARKS.md measures what this buys).
 
-redis-py still owns everything that is not the hot path: URL parsing, TLS settings, credentials
+redis-py still owns what is not the request path: URL parsing, TLS settings, credentials
 (``Endpoint.from_url`` / ``Endpoint.from_redis_connection`` read a redis-py connection object's
-public attributes), Sentinel and Cluster topology (callers resolve a node, then open one
-``RedisMux`` per node).
+public attributes). transports.py adds Sentinel and Cluster on top: one ``RedisMux`` per node.
 
 Guarantees:
 - an error reply (``-NOSCRIPT``, ``-WRONGTYPE``, ``-OOM`` ...) fails only the command it answers,
@@ -30,14 +27,13 @@ import contextlib
 import dataclasses
 import ssl
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any, Final, cast
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 import hiredis
-from mypy_extensions import mypyc_attr
 from redis.asyncio.connection import (
     AbstractConnection,
     ConnectionPool,
@@ -46,7 +42,7 @@ from redis.asyncio.connection import (
 )
 from redis.credentials import CredentialProvider
 
-from statefuld.errors import Unavailable
+from statefuld.errors import RpcError, Unavailable
 
 # hiredis returns this object, not a reply, when the buffer holds no complete reply yet; with
 # the default (False) a RESP3 boolean reply would be indistinguishable from "need more bytes".
@@ -58,74 +54,36 @@ CLOSE_TIMEOUT_S = 2.0  # how long close() waits for the connection to go
 # Busy polling is for a lightly loaded daemon, whose lone callers wait on a sleeping event loop;
 # with more commands than this waiting, the loop is busy anyway.
 _BUSY_POLL_MAX_WAITING = 8
+# Error replies that mean "this Redis cannot serve now", not "this request is wrong".
+_UNAVAILABLE_REPLIES = frozenset({"LOADING", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "NOREPLICAS"})
+
+# A reply's decoder, handed down by the caller of ``execute``: it runs on the raw reply inside the
+# read that brought it, so a plain command needs no coroutine to shape its result.
+Decode = Callable[[Any], Any]
 
 
-class ReplyError(Exception):
-    """A Redis error reply; ``code`` is its first word (``NOSCRIPT``, ``WRONGTYPE``, ``ERR`` ...).
+class ReplyError(RpcError):
+    """A Redis error reply, answered to the caller as INTERNAL; ``kind`` is its first word
+    (``NOSCRIPT``, ``WRONGTYPE``, ``MOVED`` ...) and ``reply`` the whole text."""
 
-    hiredis builds one per error reply (``Reader(replyError=ReplyError)``) and returns it as a
-    value instead of raising inside the parser, so it reaches only the caller it answers.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    @property
-    def code(self) -> str:
-        return self.message.split(" ", 1)[0]
+    def __init__(self, reply: str) -> None:
+        # One positional argument: hiredis builds it (through reply_error) from the reply's text.
+        super().__init__(f"Redis error: {reply[:200]}")
+        self.reply = reply
+        self.kind = reply.split(" ", 1)[0]
 
 
-# --- RESP for the hot path ------------------------------------------------------------------
-# hiredis.pack_command formats every length with sprintf: for a get_linked_pod it was the largest
-# single cost in the daemon (callgrind: 3.3k of 23.8k instructions per request in the compiled
-# build, 1.6k of 37.3k interpreted). The hot commands are put together from ready-made pieces
-# instead; tests/test_redis_mux.py checks every encoder here against hiredis.pack_command.
+class UnavailableReply(ReplyError, Unavailable):
+    """An error reply that says Redis cannot serve now (LOADING, READONLY, CLUSTERDOWN ...): handled
+    as a lost connection is, and answered UNAVAILABLE."""
+
+
+def reply_error(reply: str) -> ReplyError:
+    cls = UnavailableReply if reply.split(" ", 1)[0] in _UNAVAILABLE_REPLIES else ReplyError
+    return cls(reply)
+
 
 encode_command = hiredis.pack_command  # any command: a tuple of str, bytes, int or float
-
-CRLF: Final = b"\r\n"
-_GET_HEAD: Final = b"*2\r\n$3\r\nGET\r\n"
-# "$<n>\r\n" for every length a key of the hot path has in practice, made once: even a bytes
-# format (b"$%d\r\n%b\r\n") cost as much as the rest of encoding a GET.
-_BULK_HEADS: Final[list[bytes]] = [b"$%d\r\n" % size for size in range(256)]
-
-
-def bulk_head(size: int) -> bytes:
-    """``$<size>`` and CRLF: what comes before a bulk string of ``size`` bytes (then the bytes, CRLF)."""
-    return _BULK_HEADS[size] if size < 256 else b"$%d\r\n" % size
-
-
-def encode_get(key: str) -> bytes:
-    """``GET key``."""
-    data = key.encode()
-    return _GET_HEAD + bulk_head(len(data)) + data + CRLF
-
-
-def command_head(words: int, *fixed: str | int) -> bytes:
-    """The start of a command of ``words`` words whose first ones are ``fixed`` (say EVALSHA, a
-    script's sha and its key count): a hot command's encoder appends the others, each as
-    ``bulk_head(len(data)), data, CRLF``."""
-    head = [b"*%d\r\n" % words]
-    for word in fixed:
-        data = word.encode() if isinstance(word, str) else b"%d" % word
-        head += (bulk_head(len(data)), data, CRLF)
-    return b"".join(head)
-
-
-# Compiled builds (docs/DEPLOYMENT.md): an interpreted class may subclass it, a compiled one too.
-@mypyc_attr(allow_interpreted_subclasses=True)
-class Waiter:
-    """Takes a command's reply by a plain call, no future: ``reply`` runs inside the read that
-    brought the reply (so its caller's answer can leave in that same loop turn) with the raw
-    reply, a ``ReplyError``, or ``Unavailable`` when the connection is lost. It returns an object
-    whose ``flush()`` is to run once the whole read is handled (each such object once), or None.
-    It must not raise."""
-
-    __slots__ = ()
-
-    def reply(self, value: Any) -> Any:
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -185,29 +143,29 @@ class Endpoint:
         return f"{'rediss' if self.ssl_context is not None else 'redis'}://{self.host}:{self.port}"
 
 
-class _Connection(asyncio.Protocol):
-    """One socket. Commands queue in ``_out`` during a turn; ``_waiting`` holds their futures in
-    the order they were written, which is the order Redis answers them."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_lost: Any, busy_poll_s: float = 0.0) -> None:
+class _Connection(asyncio.Protocol):
+    """One socket. Commands queue in ``_out`` during a turn; ``_waiting`` holds their futures (and
+    decoders) in the order they were written, which is the order Redis answers them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_lost: Callable[[_Connection], None],
+                 busy_poll_s: float = 0.0) -> None:
         self._loop = loop
         self._on_lost = on_lost
         self._busy_poll_s = busy_poll_s
         self._poll_until = 0.0
-        self._reader = hiredis.Reader(replyError=ReplyError, notEnoughData=_NOT_ENOUGH_DATA)
-        self._waiting: deque[asyncio.Future[Any] | Waiter] = deque()
+        self._reader = hiredis.Reader(replyError=reply_error, notEnoughData=_NOT_ENOUGH_DATA)
+        self._waiting: deque[tuple[asyncio.Future[Any], Decode | None]] = deque()
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._transport: asyncio.Transport | None = None
         self.lost_reason: str | None = None
         self.closed: asyncio.Future[None] = loop.create_future()
-        # Counters for the benchmark: commands / writes is the mean batch size.
+        # commands / writes is the mean batch size (the metrics show both).
         self.commands = 0
         self.writes = 0
 
-    # --- the hot path ------------------------------------------------------------------------
-
-    def send(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def send(self, args: tuple[Any, ...], decode: Decode | None) -> asyncio.Future[Any]:
         # Encode before queueing: an argument of a type RESP cannot carry raises here, in the
         # caller, and never leaves a future without a command behind it.
         data = encode_command(args)
@@ -216,7 +174,7 @@ class _Connection(asyncio.Protocol):
             future.set_exception(Unavailable(self.lost_reason))
             return future
         self._out.append(data)
-        self._waiting.append(future)
+        self._waiting.append((future, decode))
         if not self._flush_scheduled:
             # Runs after every task already scheduled in this turn has had its chance to send.
             self._flush_scheduled = True
@@ -234,8 +192,8 @@ class _Connection(asyncio.Protocol):
         out.clear()
         if self._busy_poll_s and len(self._waiting) <= _BUSY_POLL_MAX_WAITING:
             # A callback in the ready queue makes the loop poll without sleeping, so the reply is
-            # read as soon as it lands instead of after a wake-up of the process (tens of µs on a
-            # VM whose vCPU went idle): lower latency for a lone caller, paid for in CPU.
+            # read as soon as it lands instead of after a wake-up of the process: lower latency
+            # for a lone caller, paid for in CPU (docs/OPERATIONS.md, "Busy polling").
             self._poll_until = perf_counter() + self._busy_poll_s
             self._loop.call_soon(self._busy_poll)
 
@@ -247,33 +205,21 @@ class _Connection(asyncio.Protocol):
         reader = self._reader
         reader.feed(data)
         waiting = self._waiting
-        flush: set[Any] | None = None
         try:
             while (reply := reader.gets()) is not _NOT_ENOUGH_DATA:
-                future = waiting.popleft()
-                if isinstance(future, Waiter):
-                    owner = future.reply(reply)
-                    if owner is not None:
-                        if flush is None:
-                            flush = {owner}
-                        else:
-                            flush.add(owner)
-                    continue
+                future, decode = waiting.popleft()
                 if future.done():  # its caller was cancelled: the reply is consumed and dropped
                     continue
-                if type(reply) is ReplyError:
+                if isinstance(reply, ReplyError):
                     future.set_exception(reply)
-                else:
+                elif decode is None:
                     future.set_result(reply)
+                else:
+                    _decode_into(future, decode, reply)
         except IndexError:
             self._fail("Redis sent a reply nobody asked for; connection dropped")
         except hiredis.ProtocolError as exc:
             self._fail(f"unparsable reply from Redis ({exc}); connection dropped")
-        if flush is not None:
-            for owner in flush:
-                owner.flush()
-
-    # --- connection events -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -287,18 +233,10 @@ class _Connection(asyncio.Protocol):
         reason = self.lost_reason or f"connection to Redis lost ({exc or 'closed by the server'})"
         self.lost_reason = reason
         self._out.clear()
-        waiting = self._waiting
-        flush = set()
-        while waiting:
-            future = waiting.popleft()
-            if isinstance(future, Waiter):
-                owner = future.reply(Unavailable(reason))
-                if owner is not None:
-                    flush.add(owner)
-            elif not future.done():
+        while self._waiting:
+            future, _ = self._waiting.popleft()
+            if not future.done():
                 future.set_exception(Unavailable(reason))
-        for owner in flush:
-            owner.flush()
         if not self.closed.done():
             self.closed.set_result(None)
         self._on_lost(self)
@@ -315,12 +253,22 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
+def _decode_into(future: asyncio.Future[Any], decode: Decode, reply: Any) -> None:
+    try:
+        result = decode(reply)
+    except Exception as exc:  # the decoder's verdict on what Redis holds (an RpcError), or a bug
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
 class RedisMux:
     """A multiplexed connection to one Redis node.
 
     ``await mux.execute("EVALSHA", sha, 1, key, arg)`` returns the raw reply (bytes, int, list,
-    None), raises ``ReplyError`` for an error reply and ``Unavailable`` when Redis cannot be
-    reached. Nothing happens on construction; the first call (or ``connect()``) connects.
+    None), or ``decode(reply)`` when a decoder is given; raises ``ReplyError`` for an error reply
+    and ``Unavailable`` when Redis cannot be reached. Nothing happens on construction; the first
+    call (or ``connect()``) connects.
     """
 
     def __init__(self, endpoint: Endpoint, *, reconnect_backoff_s: float = 0.1) -> None:
@@ -334,39 +282,16 @@ class RedisMux:
         self.commands = 0  # totals of closed connections; see stats()
         self.writes = 0
 
-    def execute(self, *args: Any) -> Awaitable[Any]:
-        """Queue one command for this turn's write; await the result for its reply.
-
-        A plain function returning the reply's future (no coroutine per call) while connected.
-        """
+    def execute(self, *args: Any, decode: Decode | None = None) -> asyncio.Future[Any]:
+        """Queue one command for this turn's write; the future answers it (decoded by ``decode``)."""
         conn = self._conn
         if conn is not None:
-            return conn.send(args)
-        return self._execute_after_connect(args)
+            return conn.send(args, decode)
+        return asyncio.ensure_future(self._execute_after_connect(args, decode))
 
-    def execute_to(self, waiter: Waiter, command: bytes) -> bool:
-        """Queue ``command``, already in RESP (``encode_get``, ``encode_command``), its reply going
-        to ``waiter``; False (nothing queued) while not connected, when the caller should use
-        ``execute``. Raises ``Unavailable`` as ``execute`` would fail.
-
-        The hot path: the connection's queue is filled here rather than through a method of it,
-        one call less per request (see ``_Connection.send`` for the same steps with a future).
-        """
-        conn = self._conn
-        if conn is None:
-            return False
-        if conn.lost_reason is not None:
-            raise Unavailable(conn.lost_reason)
-        conn._out.append(command)
-        conn._waiting.append(waiter)
-        if not conn._flush_scheduled:
-            conn._flush_scheduled = True
-            conn._loop.call_soon(conn._flush)
-        return True
-
-    async def _execute_after_connect(self, args: tuple[Any, ...]) -> Any:
+    async def _execute_after_connect(self, args: tuple[Any, ...], decode: Decode | None) -> Any:
         conn = await self._connection()
-        return await conn.send(args)
+        return await conn.send(args, decode)
 
     async def connect(self) -> None:
         """Connect now (start-up); raises ``Unavailable`` if Redis cannot be reached."""
@@ -452,7 +377,7 @@ class RedisMux:
                 conn.close("connection set-up failed")
             where = ep.describe()
             if isinstance(exc, ReplyError):
-                raise Unavailable(f"Redis at {where} refused the connection set-up: {exc.message}") from exc
+                raise Unavailable(f"Redis at {where} refused the connection set-up: {exc.reply}") from exc
             if isinstance(exc, TimeoutError):
                 raise Unavailable(f"Redis at {where} did not answer within {ep.connect_timeout_s}s") from exc
             if isinstance(exc, (OSError, Unavailable)):  # refused, no such socket, TLS failure, lost
@@ -476,4 +401,4 @@ class RedisMux:
             commands.append(("CLIENT", "SETNAME", ep.client_name))
         if commands:
             # One write, as everything else; gather raises the first error reply.
-            await asyncio.gather(*[conn.send(command) for command in commands])
+            await asyncio.gather(*[conn.send(command, None) for command in commands])

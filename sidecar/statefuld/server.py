@@ -28,7 +28,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import uvloop
 
-from statefuld import __version__, build, systemd
+from statefuld import __version__, systemd
+from statefuld.calls import DRAIN_CANCEL_S, Calls
 from statefuld.config import Config
 from statefuld.embedded import EmbeddedError, EmbeddedRedis
 from statefuld.errors import (
@@ -39,9 +40,10 @@ from statefuld.errors import (
     EXIT_SOCKET_IN_USE,
     Unavailable,
 )
-from statefuld.metrics import MetricsListener, Observer, RedisWatch, parse_addr
-from statefuld.protocol import DRAIN_CANCEL_S, RpcProtocol, ServerState
+from statefuld.metrics import MetricsListener, Observer, RedisWatch, RequestMetrics, parse_addr
+from statefuld.protocol import Connections
 from statefuld.redis_mux import CLOSE_TIMEOUT_S as REDIS_CLOSE_TIMEOUT_S
+from statefuld.rpc import METHODS
 
 log = logging.getLogger("statefuld.server")
 
@@ -92,7 +94,8 @@ class Server:
         self._embedded: EmbeddedRedis | None = None
         self._executor: Any = None
         self._dispatcher: Any = None
-        self._state: ServerState | None = None
+        self._calls: Calls | None = None
+        self._connections: Connections | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._redis_watch: RedisWatch | None = None
@@ -108,14 +111,7 @@ class Server:
         self._stop_requested = asyncio.Event()
         for sig in _SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
-        kind = build.kind()
-        log.info("statefuld %s (%s) starting (pid %d)", __version__, kind, os.getpid(),
-                 extra={"event": "starting", "build": kind})
-        if kind == build.MIXED:
-            log.warning("only some of statefuld's compiled modules are compiled (%s): a stale in-place build "
-                        "beside the sources? Delete those .so files, or install the compiled wheel",
-                        ", ".join(f"{name}: {path}" for name, path in build.module_files().items()),
-                        extra={"event": "mixed_build"})
+        log.info("statefuld %s starting (pid %d)", __version__, os.getpid(), extra={"event": "starting"})
         code = EXIT_INTERNAL
         try:
             code = await self._serve()
@@ -157,16 +153,16 @@ class Server:
             log.info("stop requested during start-up")
             return EXIT_OK
 
-        state = self._state
-        assert state is not None and self._redis_watch is not None
-        observer = Observer(state, self._executor, self._redis_watch)
+        calls, connections = self._calls, self._connections
+        assert calls is not None and connections is not None and self._redis_watch is not None
+        observer = Observer(calls, connections, self._executor, self._redis_watch)
         self._dispatcher.stats = observer.snapshot
         if config.metrics_addr is not None:
             self._start_metrics(observer, config.metrics_addr)
         if listen_sock is None:
             listen_sock = self._bind(path, config.socket_mode, gid)
         self._listener = await asyncio.get_running_loop().create_unix_server(
-            lambda: RpcProtocol(state), sock=listen_sock, backlog=_BACKLOG
+            connections.factory, sock=listen_sock, backlog=_BACKLOG
         )
         name = listen_sock.getsockname()  # bytes for an abstract-namespace socket from systemd
         where = (name if isinstance(name, str) else repr(name)) or "(unnamed socket)"
@@ -226,7 +222,8 @@ class Server:
         log.info("connected to Redis at %s%s", shown_url, "" if transport == shown_url else f" ({transport})",
                  extra={"event": "redis_connected"})
         dispatcher = Dispatcher(self._executor, config)
-        self._state = ServerState(config, dispatcher)
+        self._calls = calls = Calls(config, dispatcher, RequestMetrics(METHODS))
+        self._connections = Connections(config, calls.session)
         self._redis_watch = RedisWatch(self._executor)
         self._dispatcher = dispatcher
 
@@ -314,28 +311,25 @@ class Server:
 
     async def _shutdown(self) -> None:
         systemd.notify("STOPPING=1")
-        state = self._state
-        assert state is not None and self._listener is not None
+        calls, connections = self._calls, self._connections
+        assert calls is not None and connections is not None and self._listener is not None
         self._listener.close()
-        state.draining = True
-        for conn in list(state.connections):
-            conn.stop_reading()
+        connections.stop_reading()
         drain_s = self.config.drain_timeout_s
-        log.info("draining: %d connections, %d requests in flight (up to %ss)", len(state.connections),
-                 len(state.tasks), drain_s, extra={"event": "draining"})
-        if state.tasks:
-            await state.drain(drain_s)
+        log.info("draining: %d connections, %d requests in flight (up to %ss)", len(connections.open),
+                 len(calls.in_flight), drain_s, extra={"event": "draining"})
+        await calls.drain(drain_s)
         closing = []
-        for conn in list(state.connections):
+        for conn in list(connections.open):
             conn.close()
             if conn.closed is not None:
                 closing.append(conn.closed)
         if closing:
             _closed, stuck = await asyncio.wait(closing, timeout=_CLOSE_TIMEOUT_S)
             if stuck:  # peers that do not read: their last replies are dropped
-                for conn in list(state.connections):
+                for conn in list(connections.open):
                     conn.abort()
-        log.info("stopped serving; counters: %s", state.counters())
+        log.info("stopped serving: %d requests, %d notifications", calls.requests, calls.notifications)
 
     async def _release(self) -> None:
         """Everything start-up acquired, in reverse; runs after a clean stop and after a failed start."""

@@ -1,8 +1,11 @@
-"""Redis Cluster and Sentinel: which node serves a key, and following it through failovers.
+"""How the executor reaches Redis: one server, a Redis Cluster, or the primary Sentinel names.
 
-Both transports keep the hot path of ``redis_mux``: one multiplexed connection per node, a turn's
-commands to that node in one write. What they add is knowing which node that is.
+A ``Transport`` sends one command whose keys all share ``route_key``'s hash slot:
+``execute(route_key, *args, decode=None)``. Every transport keeps ``redis_mux``'s batching: one
+multiplexed connection per node, a turn's commands to that node in one write. What they add is
+knowing which node that is.
 
+- ``StandaloneTransport``: one server (or whatever one URL names): every key lives there.
 - ``ClusterTransport``: a slot table (16384 entries -> the primary's ``RedisMux``) read with
   ``CLUSTER SLOTS`` from any node. A command goes to its key's slot owner; ``MOVED`` updates that
   slot and retries there (and refreshes the whole table in the background), ``ASK`` sends
@@ -24,13 +27,14 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from redis.crc import key_slot
 
+from statefuld.config import Config
 from statefuld.errors import Unavailable
-from statefuld.redis_mux import Endpoint, RedisMux, ReplyError
+from statefuld.redis_mux import Decode, Endpoint, RedisMux, ReplyError
 
 log = logging.getLogger("statefuld.topology")
 
@@ -44,6 +48,17 @@ NODE_QUERY_TIMEOUT_S = 1.0
 MAX_REDIRECTS = 5
 
 Address = tuple[str, int]
+
+
+class Transport(Protocol):
+    def execute(self, route_key: str, *args: Any, decode: Decode | None = None) -> Awaitable[Any]: ...
+    def execute_any(self, *args: Any) -> Awaitable[Any]: ...
+    def group_by_node(self, keys: Sequence[str]) -> list[list[int]]: ...
+    async def on_every_node(self, *args: Any) -> list[Any]: ...
+    async def connect(self) -> None: ...
+    async def close(self) -> None: ...
+    def describe(self) -> str: ...
+    def stats(self) -> dict[str, int]: ...
 
 
 def is_sentinel_url(url: str) -> bool:
@@ -134,6 +149,40 @@ class _Retired:
         return commands, writes
 
 
+# --- one server ----------------------------------------------------------------------------------
+
+
+class StandaloneTransport:
+    """One Redis server (or whatever one URL names): every key lives on the one node."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._mux = RedisMux(endpoint)
+
+    def execute(self, route_key: str, *args: Any, decode: Decode | None = None) -> Awaitable[Any]:
+        return self._mux.execute(*args, decode=decode)
+
+    def execute_any(self, *args: Any) -> Awaitable[Any]:
+        return self._mux.execute(*args)
+
+    def group_by_node(self, keys: Sequence[str]) -> list[list[int]]:
+        return [list(range(len(keys)))] if keys else []
+
+    async def on_every_node(self, *args: Any) -> list[Any]:
+        return [await self._mux.execute(*args)]
+
+    async def connect(self) -> None:
+        await self._mux.connect()
+
+    async def close(self) -> None:
+        await self._mux.close()
+
+    def describe(self) -> str:
+        return self._mux.endpoint.describe()
+
+    def stats(self) -> dict[str, int]:
+        return self._mux.stats()
+
+
 # --- Redis Cluster -------------------------------------------------------------------------------
 
 
@@ -162,29 +211,31 @@ class ClusterTransport:
 
     # --- routing -----------------------------------------------------------------------------
 
-    def execute(self, route_key: str, *args: Any) -> Awaitable[Any]:
-        return self._execute(key_slot(route_key.encode()), args)
+    def execute(self, route_key: str, *args: Any, decode: Decode | None = None) -> Awaitable[Any]:
+        return self._execute(key_slot(route_key.encode()), args, decode)
 
-    async def _execute(self, slot: int, args: tuple[Any, ...]) -> Any:
+    async def _execute(self, slot: int, args: tuple[Any, ...], decode: Decode | None) -> Any:
         mux = self._slots[slot]
         for _ in range(MAX_REDIRECTS):
             if mux is None:
                 self.request_refresh()
                 raise Unavailable(f"no Redis Cluster primary serves slot {slot} now (failover?)")
             try:
-                return await mux.execute(*args)
+                return await mux.execute(*args, decode=decode)
             except ReplyError as exc:
-                if exc.code == "MOVED":
+                if exc.kind == "MOVED":
                     # The slot has a new owner for good (failover, resharding): route it there now,
                     # and re-read the whole table, as other slots likely moved too.
                     self.redirects += 1
                     mux = self._slots[slot] = self._primary(self._redirect_address(exc))
                     self.request_refresh()
                     continue
-                if exc.code == "ASK":
+                if exc.kind == "ASK":
                     # The slot is migrating and this key is already on the target: ask there once.
                     self.redirects += 1
-                    return await self._asking(self._primary(self._redirect_address(exc)), args)
+                    return await self._asking(self._primary(self._redirect_address(exc)), args, decode)
+                if isinstance(exc, Unavailable):  # CLUSTERDOWN, TRYAGAIN: the topology is changing
+                    self.request_refresh()
                 raise
             except Unavailable:
                 self.request_refresh()
@@ -192,11 +243,11 @@ class ClusterTransport:
         raise Unavailable(f"Redis Cluster redirected slot {slot} more than {MAX_REDIRECTS} times")
 
     @staticmethod
-    async def _asking(mux: RedisMux, args: tuple[Any, ...]) -> Any:
+    async def _asking(mux: RedisMux, args: tuple[Any, ...], decode: Decode | None) -> Any:
         await mux.connect()
         # Both in this turn's write, ASKING first: it applies to the very next command only.
         replies: tuple[Any, Any] = await asyncio.gather(
-            mux.execute("ASKING"), mux.execute(*args), return_exceptions=True
+            mux.execute("ASKING"), mux.execute(*args, decode=decode), return_exceptions=True
         )
         for reply in replies:
             if isinstance(reply, BaseException):
@@ -205,7 +256,7 @@ class ClusterTransport:
 
     def _redirect_address(self, exc: ReplyError) -> Address:
         # "MOVED 3999 127.0.0.1:6381"; an empty host means the node we asked.
-        target = exc.message.split(" ")[2]
+        target = exc.reply.split(" ")[2]
         host, _, port = target.rpartition(":")
         return host or self._seed.host, int(port)
 
@@ -294,9 +345,9 @@ class ClusterTransport:
                 reply = await asyncio.wait_for(mux.execute("CLUSTER", "SLOTS"), NODE_QUERY_TIMEOUT_S)
             except ReplyError as exc:
                 await self._forget_source(mux)
-                if "cluster support disabled" in exc.message:
-                    raise ValueError(f"{self._seed.describe()} is not a Redis Cluster node: {exc.message}") from exc
-                errors.append(f"{address[0]}:{address[1]}: {exc.message}")
+                if "cluster support disabled" in exc.reply:
+                    raise ValueError(f"{self._seed.describe()} is not a Redis Cluster node: {exc.reply}") from exc
+                errors.append(f"{address[0]}:{address[1]}: {exc.reply}")
                 continue
             except (Unavailable, TimeoutError) as exc:
                 await self._forget_source(mux)
@@ -453,42 +504,31 @@ class SentinelTransport:
         self._closed = False
         self.switches = 0
 
-    # --- the hot path --------------------------------------------------------------------------
+    # --- routing -----------------------------------------------------------------------------
 
-    def execute(self, route_key: str, *args: Any) -> Awaitable[Any]:
-        return self.execute_any(*args)
-
-    def execute_any(self, *args: Any) -> Awaitable[Any]:
+    def execute(self, route_key: str, *args: Any, decode: Decode | None = None) -> Awaitable[Any]:
         mux = self._mux
         if mux is None:
-            return self._execute_after_resolve(args)
-        reply = mux.execute(*args)
-        if isinstance(reply, asyncio.Future):
-            reply.add_done_callback(self._check_reply)  # no coroutine per call while connected
-            return reply
-        return self._watched(reply)
+            return self._execute_after_resolve(args, decode)
+        reply = mux.execute(*args, decode=decode)
+        reply.add_done_callback(self._check_reply)  # no coroutine per call while connected
+        return reply
+
+    def execute_any(self, *args: Any) -> Awaitable[Any]:
+        return self.execute("", *args)
 
     def _check_reply(self, reply: asyncio.Future[Any]) -> None:
         if reply.cancelled():
             return
         exc = reply.exception()
-        if isinstance(exc, Unavailable) or (isinstance(exc, ReplyError) and exc.code == "READONLY"):
+        if isinstance(exc, Unavailable) or (isinstance(exc, ReplyError) and exc.kind == "READONLY"):
             self.request_resolve()
 
-    async def _watched(self, reply: Awaitable[Any]) -> Any:
-        try:
-            return await reply
-        except Unavailable:
-            self.request_resolve()
-            raise
-        except ReplyError as exc:
-            if exc.code == "READONLY":
-                self.request_resolve()
-            raise
-
-    async def _execute_after_resolve(self, args: tuple[Any, ...]) -> Any:
+    async def _execute_after_resolve(self, args: tuple[Any, ...], decode: Decode | None) -> Any:
         mux = await self._resolve_now()
-        return await self._watched(mux.execute(*args))
+        reply = mux.execute(*args, decode=decode)
+        reply.add_done_callback(self._check_reply)
+        return await reply
 
     def group_by_node(self, keys: Sequence[str]) -> list[list[int]]:
         return [list(range(len(keys)))] if keys else []
@@ -604,3 +644,68 @@ class SentinelTransport:
             commands += stats["commands"]
             writes += stats["writes"]
         return {"commands": commands, "writes": writes, "switches": self.switches}
+
+
+# --- choosing one ----------------------------------------------------------------------------------
+
+
+def _redis_kwargs(config: Config, tls: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if config.redis_username:
+        kwargs["username"] = config.redis_username
+    if config.redis_password:
+        kwargs["password"] = config.redis_password
+    if tls:
+        kwargs["ssl_ca_certs"] = config.redis_tls_ca_file
+        kwargs["ssl_certfile"] = config.redis_tls_cert_file
+        kwargs["ssl_keyfile"] = config.redis_tls_key_file
+    return kwargs
+
+
+def _endpoint(url: str, config: Config, tls: bool) -> Endpoint:
+    """``url`` as redis-py parses it, with the daemon's credentials, TLS files and busy polling."""
+    endpoint = Endpoint.from_url(url, **_redis_kwargs(config, tls))
+    return dataclasses.replace(endpoint, busy_poll_s=config.busy_poll_us / 1_000_000)
+
+
+def _sentinel_transport(url: str, config: Config) -> SentinelTransport:
+    parsed = SentinelUrl.parse(url)
+    # The primary: --redis-username and STATEFULD_REDIS_PASSWORD, as for any Redis. The
+    # sentinels: the credentials in the URL (sentinels often have their own password, or none).
+    primary = _endpoint(parsed.node_url(parsed.sentinels[0]), config, parsed.tls)
+    sentinel = dataclasses.replace(
+        primary, db=0, username=parsed.username, password=parsed.password, credential_provider=None
+    )
+    return SentinelTransport(
+        [dataclasses.replace(sentinel, host=h, port=p) for h, p in parsed.sentinels], parsed.master_name, primary
+    )
+
+
+def make_transport(config: Config, mode: str | None = None) -> Transport:
+    """The transport for ``mode`` (default ``config.redis_mode``). Without I/O, "auto" can only
+    tell a sentinel URL; ``detect_mode`` asks Redis whether a plain URL names a cluster node."""
+    url = config.redis_url
+    if url is None:
+        raise ValueError("no Redis URL (the embedded Redis provides one)")
+    mode = mode or config.redis_mode
+    if is_sentinel_url(url):
+        if mode not in ("auto", "sentinel"):
+            raise ValueError(f"a redis+sentinel:// URL cannot be used with redis_mode {mode!r}")
+        return _sentinel_transport(url, config)
+    if mode == "sentinel":
+        raise ValueError("redis_mode sentinel needs a redis+sentinel://host:port[,host:port...]/MASTER_NAME URL")
+    endpoint = _endpoint(url, config, url.startswith("rediss://"))
+    if mode == "cluster":
+        return ClusterTransport(endpoint)
+    return StandaloneTransport(endpoint)
+
+
+async def detect_mode(config: Config) -> str:
+    """``config.redis_mode``, with "auto" resolved: sentinel by URL, cluster if the node says so."""
+    url = config.redis_url
+    if config.redis_mode != "auto" or url is None:
+        return config.redis_mode
+    if is_sentinel_url(url):
+        return "sentinel"
+    endpoint = _endpoint(url, config, url.startswith("rediss://"))
+    return "cluster" if await detect_cluster(endpoint) else "standalone"
