@@ -14,7 +14,7 @@ from support import CONTRACT_METHODS, REPO
 
 import statefuld_client
 from statefuld_client import AsyncClient, Client, errors
-from statefuld_client._wire import READ_METHODS, Decoder, Encoder, as_list, linked_pair, server_error, unwrap
+from statefuld_client._core import READ_METHODS, Decoder, Encoder, as_list, linked_pair, server_error, unwrap
 
 SPEC_METHODS = {
     **CONTRACT_METHODS,
@@ -77,7 +77,7 @@ def test_error_codes_map_to_classes(code: str, cls: type[errors.ServerError]) ->
     assert exc.message == "uid must be 1..256 bytes"
     assert str(exc) == f"{code}: uid must be 1..256 bytes"
     with pytest.raises(cls):
-        unwrap({"code": code, "message": "uid must be 1..256 bytes"}, None)
+        unwrap([1, 7, {"code": code, "message": "uid must be 1..256 bytes"}, None])
     clone = pickle.loads(pickle.dumps(exc))  # crosses multiprocessing intact
     assert (type(clone), clone.code, clone.message) == (cls, code, exc.message)
 
@@ -107,7 +107,7 @@ def test_exception_tree() -> None:
 
 
 def test_result_helpers() -> None:
-    assert unwrap(None, {1: "Ready"}) == {1: "Ready"}
+    assert unwrap([1, 7, None, {1: "Ready"}]) == {1: "Ready"}
     assert linked_pair([True, 3]) == (True, 3)
     assert linked_pair([False, 4]) == (False, 4)
     assert as_list(["a"]) == ["a"] and as_list(("a",)) == ("a",)

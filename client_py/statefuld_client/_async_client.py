@@ -1,4 +1,8 @@
-"""The asyncio client: every call of a client shares one connection, replies matched by msgid."""
+"""The asyncio client: every call of a client shares one connection, replies matched by msgid.
+
+Every rule (timeouts, retries, errors and their messages, msgids, forks) is in `_core`; this
+module only moves bytes and waits.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +10,36 @@ import asyncio
 import contextlib
 import os
 import socket
-import weakref
 from collections import deque
 from types import TracebackType
 from typing import Any, cast
 
 from statefuld_client._async_api import AsyncAPI
-from statefuld_client._paths import default_socket_path
-from statefuld_client._wire import MSGID_MASK, Decoder, Encoder, server_error, unwrap
-from statefuld_client.errors import (
-    ClientClosedError,
-    ClientTimeoutError,
-    ConnectionLostError,
-    ConnectRefusedError,
-    ProtocolError,
-    SocketNotFoundError,
-    StatefuldError,
-    TransportError,
+from statefuld_client._core import (
+    DEFAULT_TIMEOUT_S,
+    MSGID_MASK,
+    Attempts,
+    Decoder,
+    Encoder,
+    Lost,
+    MsgIds,
+    NotSent,
+    checked_timeout,
+    closed_error,
+    connect_error,
+    reset_after_fork,
+    timed_out,
+    timed_out_connecting,
+    unwrap,
 )
+from statefuld_client._paths import default_socket_path
+from statefuld_client.errors import ProtocolError, StatefuldError
 
-DEFAULT_TIMEOUT_S = 5.0
 # aclose() lets the transport flush queued notifications this long before aborting it.
 _CLOSE_FLUSH_S = 1.0
 # Calls with the client's default timeout are expired by one sweep per connection, this often,
 # instead of a loop timer each (a timer per call cost more than the rest of the call's bookkeeping).
 _SWEEP_INTERVAL_S = 0.01
-
-
-class _NotSent(Exception):
-    """The connection was lost before the request was handed to the transport."""
 
 
 class _Expired(Exception):
@@ -50,9 +55,9 @@ def _older(reference: int, a: int, b: int) -> bool:
     return (reference - a) & MSGID_MASK > (reference - b) & MSGID_MASK
 
 
-def _expire(future: asyncio.Future[Any], method: str, timeout_s: float) -> None:
+def _expire(future: asyncio.Future[Any]) -> None:
     if not future.done():
-        future.set_exception(ClientTimeoutError(f"{method}: no reply from the daemon within {timeout_s}s"))
+        future.set_exception(_Expired())
 
 
 class _Connection(asyncio.Protocol):
@@ -117,9 +122,9 @@ class _Connection(asyncio.Protocol):
         for msgid, future in self.pending.items():
             if not future.done():
                 if first_unsent is not None and not _older(self.newest, msgid, first_unsent):
-                    future.set_exception(_NotSent())
+                    future.set_exception(NotSent())
                 else:
-                    lost = ConnectionLostError("the daemon closed the connection before replying")
+                    lost = Lost()
                     lost.__cause__ = exc
                     future.set_exception(lost)
         self.pending.clear()
@@ -187,7 +192,7 @@ class _Connection(asyncio.Protocol):
     def send(self, payload: bytes, msgid: int) -> None:
         """Queue a request, or a notification (msgid -1), for this turn's one write."""
         if self.lost:
-            raise _NotSent
+            raise NotSent
         if not self._queue:
             # A notification first: the first call queued after it will be the next msgid.
             self._first_queued = msgid if msgid >= 0 else (self.newest + 1) & MSGID_MASK
@@ -250,20 +255,17 @@ class AsyncClient(AsyncAPI):
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.socket_path: str = os.fspath(socket_path) if socket_path is not None else default_socket_path()
-        self.timeout_s = timeout_s
+        self.timeout_s = checked_timeout(timeout_s)
         self._conn: _Connection | None = None
         self._connect_lock: asyncio.Lock | None = None
         self._connect_lock_loop: asyncio.AbstractEventLoop | None = None
         self._encoder = Encoder()
-        self._packer = self._encoder.packer
-        self._msgid = 0
+        self._msgids = MsgIds()
         self._closed = False
         # Registered now, not once connected: a fork in the middle of the first connect (run by
-        # another thread's loop) must still leave the child nothing of the parent's. No I/O.
-        _clients.add(self)
+        # another thread's loop) must still leave the child nothing of the parent's.
+        reset_after_fork(self)
 
     def __repr__(self) -> str:
         conn = self._conn
@@ -272,7 +274,7 @@ class AsyncClient(AsyncAPI):
 
     async def __aenter__(self) -> AsyncClient:
         if self._closed:
-            raise ClientClosedError("this AsyncClient was closed; create a new one")
+            raise closed_error()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -297,7 +299,7 @@ class AsyncClient(AsyncAPI):
             return
         for future in conn.pending.values():
             if not future.done():
-                future.set_exception(ClientClosedError("the AsyncClient was closed during the call"))
+                future.set_exception(Lost())  # the call sees the client closed: Attempts.failed says so
         conn.pending.clear()
         conn._flush()
         conn.transport.close()
@@ -309,101 +311,64 @@ class AsyncClient(AsyncAPI):
     # -- the two primitives the API calls -----------------------------------------------------------
 
     async def _call(self, method: str, params: list[Any], timeout_s: float | None, is_read: bool) -> Any:
-        # The common call, kept lean (its CPU competes with the daemon's on a shared host): a
-        # live connection on this loop with room to write, the default timeout, no retry.
-        conn = self._conn
         loop = asyncio.get_running_loop()
-        if timeout_s is None and conn is not None and conn.loop is loop and not conn.lost \
-                and conn._drained is None and not self._closed:
-            msgid = (self._msgid + 1) & MSGID_MASK
-            pending = conn.pending
-            if msgid not in pending:
-                self._msgid = conn.newest = msgid
-                future = loop.create_future()
-                pending[msgid] = future
+        attempts = Attempts(method, is_read, self.socket_path)
+        # A call with the client's default timeout has no timer of its own: the connection's sweep
+        # expires it (see _Connection). Its deadline is known only once it is sent, or resent.
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while True:
+            conn = self._conn
+            if self._closed or conn is None or conn.lost or conn.loop is not loop or conn._drained is not None:
+                conn = await self._ready_connection(loop, method, deadline)
+            msgid = self._msgids.next(conn.pending)
+            conn.newest = msgid
+            future: asyncio.Future[list[Any]] = loop.create_future()
+            conn.pending[msgid] = future
+            timer = None
+            if deadline is None:
                 if conn._sweep is None:
                     conn.start_sweep(self.timeout_s)
-                # conn.send(), inlined: the connection is live (checked above).
-                queue = conn._queue
-                if not queue:
-                    conn._first_queued = msgid
-                    loop.call_soon(conn._flush)
-                queue.append(self._packer.pack([0, msgid, method, params]))
-                try:
-                    reply = await future
-                except _Expired:
-                    raise ClientTimeoutError(
-                        f"{method}: no reply from the daemon within {self.timeout_s}s") from None
-                except _NotSent:
-                    pass  # nothing reached the daemon: the full path tries once more
-                except ConnectionLostError as exc:
-                    if not is_read or self._closed:
-                        raise self._lost(method) from exc.__cause__
-                else:
-                    if reply[2] is None:
-                        return reply[3]
-                    raise server_error(reply[2])
-                finally:
-                    # Still there if cancelled: forget it, so its reply is dropped.
-                    pending.pop(msgid, None)
-                deadline = conn.sent_at_or_after(msgid) + self.timeout_s
-                return await self._call_full(method, params, timeout_s, is_read, retried=True, deadline=deadline)
-        return await self._call_full(method, params, timeout_s, is_read)
-
-    async def _call_full(self, method: str, params: list[Any], timeout_s: float | None, is_read: bool,
-                         retried: bool = False, deadline: float | None = None) -> Any:
-        if self._closed:
-            raise ClientClosedError("this AsyncClient was closed; create a new one")
-        loop = asyncio.get_running_loop()
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        if deadline is None:
-            deadline = loop.time() + timeout_s
-        while True:
-            conn = await self._ready_connection(loop, method, deadline)
-            msgid = self._next_msgid(conn)
-            future: asyncio.Future[Any] = loop.create_future()
-            conn.pending[msgid] = future
-            conn.timed.add(msgid)
-            timer = loop.call_at(deadline, _expire, future, method, timeout_s)
+            else:
+                conn.timed.add(msgid)
+                timer = loop.call_at(deadline, _expire, future)
             try:
                 conn.send(self._encoder.request(msgid, method, params), msgid)
-                reply = await future
-            except _NotSent:
-                if retried:
-                    raise self._lost(method) from None
-                retried = True
-                continue
-            except ConnectionLostError as exc:
-                if is_read and not retried and not self._closed:
-                    retried = True
-                    continue
-                raise self._lost(method) from exc.__cause__
+                return unwrap(await future)
+            except _Expired:
+                raise timed_out(method, self.timeout_s if timeout_s is None else timeout_s) from None
+            except (NotSent, Lost) as exc:
+                attempts.failed(exc, self._closed)
+                if deadline is None:  # a retry keeps the first attempt's deadline
+                    deadline = conn.sent_at_or_after(msgid) + self.timeout_s
             finally:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
+                    conn.timed.discard(msgid)
                 # Still there if cancelled or timed out: forget it, so its reply is dropped.
                 conn.pending.pop(msgid, None)
-                conn.timed.discard(msgid)
-            return unwrap(reply[2], reply[3])
 
     async def _notify(self, method: str, params: list[Any], timeout_s: float | None) -> None:
-        if self._closed:
-            raise ClientClosedError("this AsyncClient was closed; create a new one")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
         payload = self._encoder.notification(method, params)
-        for attempt in (1, 2):
+        attempts = Attempts(method, False, self.socket_path)
+        while True:
             conn = await self._ready_connection(loop, method, deadline)
             try:
                 conn.send(payload, -1)
                 return
-            except _NotSent:
-                if attempt == 2:
-                    raise self._lost(method) from None
+            except NotSent as exc:
+                attempts.failed(exc, self._closed)
 
     # -- internals --------------------------------------------------------------------------------------
 
-    async def _ready_connection(self, loop: asyncio.AbstractEventLoop, method: str, deadline: float) -> _Connection:
+    async def _ready_connection(self, loop: asyncio.AbstractEventLoop, method: str,
+                                deadline: float | None) -> _Connection:
         """A live connection with room in its write buffer; connects if there is none."""
+        if self._closed:
+            raise closed_error()
+        if deadline is None:
+            deadline = loop.time() + self.timeout_s
         while True:
             conn = self._conn
             if conn is None or conn.lost or conn.loop is not loop:
@@ -413,18 +378,6 @@ class AsyncClient(AsyncAPI):
             # The daemon reads slower than we write: wait for the buffer to drain (flow control).
             await self._bounded(conn.drain(), method, deadline)
 
-    def _next_msgid(self, conn: _Connection) -> int:
-        msgid = (self._msgid + 1) & MSGID_MASK
-        while msgid in conn.pending:  # only after a wrap-around past a call still waiting
-            msgid = (msgid + 1) & MSGID_MASK
-        self._msgid = conn.newest = msgid
-        return msgid
-
-    def _lost(self, method: str) -> StatefuldError:
-        if self._closed:
-            return ClientClosedError(f"{method}: the AsyncClient was closed during the call")
-        return ConnectionLostError(f"{method}: the connection to the daemon at {self.socket_path} was lost")
-
     async def _bounded(self, awaitable: Any, method: str, deadline: float) -> Any:
         try:
             async with asyncio.timeout_at(deadline):
@@ -432,7 +385,7 @@ class AsyncClient(AsyncAPI):
         except TimeoutError as exc:
             if isinstance(exc, StatefuldError):
                 raise
-            raise ClientTimeoutError(f"{method}: timed out connecting or sending to the daemon") from exc
+            raise timed_out_connecting(method) from exc
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, method: str, deadline: float) -> _Connection:
         if self._connect_lock is None or self._connect_lock_loop is not loop:
@@ -449,7 +402,7 @@ class AsyncClient(AsyncAPI):
             if conn is not None and not conn.lost and conn.loop is loop:
                 return conn
             if self._closed:
-                raise ClientClosedError("this AsyncClient was closed; create a new one")
+                raise closed_error()
             if conn is not None and not conn.lost:
                 if not conn.loop.is_closed():
                     raise StatefuldError("this AsyncClient is in use by another event loop; make one client per loop")
@@ -462,24 +415,16 @@ class AsyncClient(AsyncAPI):
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, path)
-            _, conn = await loop.create_unix_connection(lambda: _Connection(loop, sock, self._msgid), sock=sock)
-        except FileNotFoundError as exc:
-            sock.close()
-            raise SocketNotFoundError(
-                f"no statefuld socket at {path}: is the daemon running? (STATEFULD_SOCKET names the path)"
-            ) from exc
-        except ConnectionRefusedError as exc:
-            sock.close()
-            raise ConnectRefusedError(f"nothing accepts on {path}: the daemon stopped or is restarting") from exc
+            _, conn = await loop.create_unix_connection(lambda: _Connection(loop, sock, self._msgids.last), sock=sock)
         except OSError as exc:
             sock.close()
-            raise TransportError(f"cannot connect to {path}: {exc}") from exc
+            raise connect_error(path, exc) from exc
         except BaseException:  # cancelled, or the deadline passed
             sock.close()
             raise
         if self._closed:  # aclose() ran while we connected
-            conn.fail(ClientClosedError("the AsyncClient was closed"))
-            raise ClientClosedError("this AsyncClient was closed; create a new one")
+            conn.fail(closed_error())
+            raise closed_error()
         self._conn = conn
         return conn
 
@@ -488,17 +433,3 @@ class AsyncClient(AsyncAPI):
         self._connect_lock = None
         if conn is not None:
             conn.forget()
-
-
-# Every live AsyncClient, whatever its state: the child of a fork resets each (and keeps them
-# registered, for its own forks).
-_clients: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # The child cannot use the parent's event loop; it will call from a new one, on a new connection.
-    for client in list(_clients):
-        client._forget_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

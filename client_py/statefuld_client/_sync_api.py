@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, cast
 
-from statefuld_client._wire import READ_METHODS, as_list, linked_pair
+from statefuld_client._core import READ_METHODS, as_list, linked_pair
 
 
 class SyncAPI:

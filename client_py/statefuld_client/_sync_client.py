@@ -1,4 +1,8 @@
-"""The blocking client: one connection, one lock, one write and one read per call."""
+"""The blocking client: one connection, one lock, one write and one read per call.
+
+Every rule (timeouts, retries, errors and their messages, msgids, forks) is in `_core`; this
+module only moves bytes and waits.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +12,29 @@ import socket
 import struct
 import threading
 import time
-import weakref
 from types import TracebackType
 from typing import Any
 
+from statefuld_client._core import (
+    DEFAULT_TIMEOUT_S,
+    RECV_SIZE,
+    Attempts,
+    Decoder,
+    Encoder,
+    Lost,
+    MsgIds,
+    NotSent,
+    checked_timeout,
+    closed_error,
+    connect_error,
+    reset_after_fork,
+    timed_out,
+    timed_out_connecting,
+    unwrap,
+)
 from statefuld_client._paths import default_socket_path
 from statefuld_client._sync_api import SyncAPI
-from statefuld_client._wire import MSGID_MASK, RECV_SIZE, Decoder, Encoder, unwrap
-from statefuld_client.errors import (
-    ClientClosedError,
-    ClientTimeoutError,
-    ConnectionLostError,
-    ConnectRefusedError,
-    ProtocolError,
-    SocketNotFoundError,
-    StatefuldError,
-    TransportError,
-)
-
-DEFAULT_TIMEOUT_S = 5.0
+from statefuld_client.errors import ClientTimeoutError, ProtocolError, StatefuldError
 
 # MSG_NOSIGNAL: a daemon gone away must give EPIPE, not a SIGPIPE, even in a program that
 # restored SIGPIPE's default action.
@@ -35,10 +43,6 @@ _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 # rather than wait; we retry at this pace until the call's deadline.
 _CONNECT_RETRY_S = 0.005
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
-
-
-class _NotSent(Exception):
-    """The request did not reach the socket whole: the daemon cannot have run it."""
 
 
 class Client(SyncAPI):
@@ -62,10 +66,8 @@ class Client(SyncAPI):
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.socket_path: str = os.fspath(socket_path) if socket_path is not None else default_socket_path()
-        self.timeout_s = timeout_s
+        self.timeout_s = checked_timeout(timeout_s)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         # The socket is in blocking mode, bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO): a call
@@ -75,11 +77,11 @@ class Client(SyncAPI):
         self._decoder = Decoder()
         self._buffer = bytearray(RECV_SIZE)
         self._view = memoryview(self._buffer)
-        self._msgid = 0
+        self._msgids = MsgIds()
         self._closed = False
         # Registered now, not at the first connect: a fork while another thread holds the lock
-        # during that connect must still hand the child a free lock. Bookkeeping only, no I/O.
-        _clients.add(self)
+        # during that connect must still hand the child a free lock.
+        reset_after_fork(self)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected" if self._sock is not None else "idle"
@@ -87,7 +89,7 @@ class Client(SyncAPI):
 
     def __enter__(self) -> Client:
         if self._closed:
-            raise ClientClosedError("this Client was closed; create a new one")
+            raise closed_error()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -117,30 +119,21 @@ class Client(SyncAPI):
     # -- the two primitives the generated API calls ----------------------------------------------
 
     def _call(self, method: str, params: list[Any], timeout_s: float | None, is_read: bool) -> Any:
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         if self._closed or not self._lock.acquire(False):  # uncontended: no timed wait
             self._acquire(method, deadline)
         try:
-            retried = False
+            attempts = Attempts(method, is_read, self.socket_path)
             while True:
                 sock = self._sock or self._connect(method, deadline)
-                msgid = self._msgid = (self._msgid + 1) & MSGID_MASK
+                msgid = self._msgids.next()
                 try:
                     self._send(sock, self._encoder.request(msgid, method, params), method, deadline)
-                    reply = self._receive(sock, msgid, method, deadline)
-                except _NotSent as exc:
+                    return unwrap(self._receive(sock, msgid, method, timeout_s, deadline))
+                except (NotSent, Lost) as exc:
                     self._drop()
-                    if not retried:  # nothing reached the daemon: safe for any method
-                        retried = True
-                        continue
-                    raise self._lost(method, exc) from exc.__cause__
-                except ConnectionLostError as exc:
-                    self._drop()
-                    if is_read and not retried and not self._closed:
-                        retried = True
-                        continue
-                    raise self._lost(method, exc) from exc.__cause__
-                return unwrap(reply[2], reply[3])
+                    attempts.failed(exc, self._closed)
         finally:
             self._lock.release()
 
@@ -149,15 +142,15 @@ class Client(SyncAPI):
         self._acquire(method, deadline)
         try:
             payload = self._encoder.notification(method, params)
-            for attempt in (1, 2):
+            attempts = Attempts(method, False, self.socket_path)
+            while True:
                 sock = self._sock or self._connect(method, deadline)
                 try:
                     self._send(sock, payload, method, deadline)
                     return
-                except _NotSent as exc:
+                except NotSent as exc:
                     self._drop()
-                    if attempt == 2:
-                        raise self._lost(method, exc) from exc.__cause__
+                    attempts.failed(exc, self._closed)
         finally:
             self._lock.release()
 
@@ -165,20 +158,13 @@ class Client(SyncAPI):
 
     def _acquire(self, method: str, deadline: float) -> None:
         if self._closed:
-            raise ClientClosedError("this Client was closed; create a new one")
+            raise closed_error()
         if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
             raise ClientTimeoutError(f"{method}: timed out waiting for the connection, busy with other threads' calls")
 
-    def _lost(self, method: str, exc: Exception) -> StatefuldError:
-        if self._closed:
-            return ClientClosedError(f"{method}: the Client was closed during the call")
-        if isinstance(exc, ConnectionLostError):
-            return exc
-        return ConnectionLostError(f"{method}: cannot send to the daemon at {self.socket_path}: {exc.__cause__}")
-
     def _connect(self, method: str, deadline: float) -> socket.socket:
         if self._closed:
-            raise ClientClosedError("this Client was closed; create a new one")
+            raise closed_error()
         path = self.socket_path
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)  # a full backlog gives EAGAIN at once; retried below up to the deadline
@@ -190,22 +176,14 @@ class Client(SyncAPI):
                 except BlockingIOError:
                     remaining_s = deadline - time.monotonic()
                     if remaining_s <= 0:
-                        raise ClientTimeoutError(f"{method}: timed out connecting to {path} (backlog full)") from None
+                        raise timed_out_connecting(method) from None
                     time.sleep(min(_CONNECT_RETRY_S, remaining_s))
-        except FileNotFoundError as exc:
-            sock.close()
-            raise SocketNotFoundError(
-                f"no statefuld socket at {path}: is the daemon running? (STATEFULD_SOCKET names the path)"
-            ) from exc
-        except ConnectionRefusedError as exc:
-            sock.close()
-            raise ConnectRefusedError(f"nothing accepts on {path}: the daemon stopped or is restarting") from exc
         except StatefuldError:
             sock.close()
             raise
         except OSError as exc:
             sock.close()
-            raise TransportError(f"cannot connect to {path}: {exc}") from exc
+            raise connect_error(path, exc) from exc
         sock.setblocking(True)
         self._sock = sock
         self._io_timeout_s = -1.0
@@ -249,18 +227,17 @@ class Client(SyncAPI):
                 except BlockingIOError:  # SO_SNDTIMEO passed: the daemon is not reading
                     sent = -1 if sent == 0 else -sent - 1
                 except OSError as exc:
-                    if sent:
-                        self._drop()
-                    raise _NotSent from exc  # the daemon never runs half a message
+                    raise NotSent from exc  # the daemon never runs half a message
             if sent == len(payload):
                 return
             if sent < 0:
                 if sent < -1:
                     self._drop()  # half a request on the wire: the stream is unusable
-                raise ClientTimeoutError(f"{method}: timed out sending to the daemon")
+                raise timed_out_connecting(method)
             view = memoryview(payload)  # a partial send: the socket buffer is full
 
-    def _receive(self, sock: socket.socket, msgid: int, method: str, deadline: float) -> list[Any]:
+    def _receive(self, sock: socket.socket, msgid: int, method: str, timeout_s: float,
+                 deadline: float) -> list[Any]:
         # Nothing can be buffered for this call before its request left (one call at a time),
         # so read first; what a read brings is then drained reply by reply.
         decoder = self._decoder
@@ -271,11 +248,11 @@ class Client(SyncAPI):
                 n = sock.recv_into(self._buffer)
             except BlockingIOError:  # SO_RCVTIMEO passed
                 # The connection stays: this call's late reply will be skipped by msgid.
-                raise ClientTimeoutError(f"{method}: no reply from the daemon within the timeout") from None
+                raise timed_out(method, timeout_s) from None
             except OSError as exc:
-                raise ConnectionLostError(f"{method}: connection to the daemon lost: {exc}") from exc
+                raise Lost from exc
             if n == 0:
-                raise ConnectionLostError(f"{method}: the daemon closed the connection before replying")
+                raise Lost
             decoder.feed(self._view[:n])
             while True:
                 try:
@@ -294,16 +271,3 @@ class Client(SyncAPI):
         # reply on its way). Start from nothing; the next call connects anew.
         self._lock = threading.Lock()
         self._drop()
-
-
-# Every live Client, whatever its state: the child of a fork resets each (and keeps them
-# registered, for its own forks).
-_clients: weakref.WeakSet[Client] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for client in list(_clients):
-        client._forget_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
