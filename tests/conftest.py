@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
 import redis
-import uvloop
-from support import Daemon, RedisClusterProcs, RedisSentinelProcs, RedisServer
+from support import Daemon, ExecutorRun, RawClient, RedisClusterProcs, RedisSentinelProcs, RedisServer, run_async
 
 # Which Redis the shared fixtures (redis_server, redis_db, daemon, with_executor) stand on:
 # standalone (the default), cluster (3 primaries + 3 replicas) or sentinel (a primary, a replica,
@@ -92,19 +90,7 @@ def daemon(module_daemon: Daemon, redis_db: redis.Redis) -> Daemon:
 
 
 _T = TypeVar("_T")
-
-
-def run_async(scenario: Callable[[], Coroutine[Any, Any, _T]], timeout_s: float = 30.0) -> _T:
-    """Run a coroutine on a fresh uvloop loop (the daemon's loop), bounded."""
-
-    async def bounded() -> _T:
-        async with asyncio.timeout(timeout_s):
-            return await scenario()
-
-    return uvloop.run(bounded())
-
-
-ExecutorRun = Callable[..., Any]
+_P = TypeVar("_P")
 
 
 @pytest.fixture
@@ -127,3 +113,47 @@ def with_executor(redis_db: redis.Redis, redis_server: RedisServer) -> ExecutorR
         return run_async(scenario)
 
     return run
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[[_P], _P]]:
+    """``start(process)`` starts a RedisServer, Daemon, cluster or sentinel set for this test and
+    stops it (removing its files) when the test ends, whatever happened."""
+    started: list[Any] = []
+
+    def start(process: _P) -> _P:
+        started.append(process)
+        return process.start()  # type: ignore[no-any-return]
+
+    yield start
+    for process in reversed(started):
+        process.cleanup()
+
+
+@pytest.fixture
+def raw() -> Iterator[Callable[..., RawClient]]:
+    """``raw(socket_path, timeout_s=5.0)`` opens a raw MessagePack-RPC connection, closed at the end."""
+    opened: list[RawClient] = []
+
+    def connect(socket_path: str, timeout_s: float = 5.0) -> RawClient:
+        opened.append(RawClient(socket_path, timeout_s))
+        return opened[-1]
+
+    yield connect
+    for client in opened:
+        client.close()
+
+
+@pytest.fixture
+def tmp_daemon() -> Iterator[Callable[..., Daemon]]:
+    """``tmp_daemon(redis_url, **kwargs)`` makes a Daemon that the test starts itself (it may be
+    meant to fail); it is stopped and its files removed when the test ends."""
+    made: list[Daemon] = []
+
+    def make(redis_url: str | None, **kwargs: Any) -> Daemon:
+        made.append(Daemon(redis_url, **kwargs))
+        return made[-1]
+
+    yield make
+    for daemon in made:
+        daemon.cleanup()

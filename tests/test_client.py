@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 import uvloop
-from support import Daemon, RedisServer, short_tmpdir, wait_for
+from support import Daemon, RedisServer, in_flight, short_tmpdir, wait_for
 
 from statefuld_client import (
     AsyncClient,
@@ -61,6 +61,13 @@ def stopped(daemon: Daemon) -> Iterator[None]:
         yield
     finally:
         daemon.signal(signal.SIGCONT)
+
+
+async def written(client: AsyncClient) -> None:
+    """Until every call made so far has been written to the daemon (the client's queue is empty)."""
+    await asyncio.sleep(0)  # the calls just made queue their requests
+    while client._conn is None or client._conn._queue:
+        await asyncio.sleep(0)
 
 
 FLAVOURS = pytest.mark.parametrize("flavour", ["sync", "async", "async-uvloop"])
@@ -412,7 +419,7 @@ def test_cancelled_call_leaves_the_others_alone(daemon: Daemon) -> None:
             with stopped(daemon):
                 doomed = asyncio.ensure_future(client.set_linked_pod("cancel", "doomed", "svc", 9, -1))
                 kept = asyncio.ensure_future(client.get_linked_pod("cancel", "u", "svc"))
-                await asyncio.sleep(0.05)  # both are on the wire now
+                await written(client)  # both are on the wire now
                 doomed.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await doomed
@@ -453,7 +460,9 @@ def test_notifications_are_executed_without_reply(flavour: str, daemon: Daemon, 
                  timeout_s=5, what=f"the load report to land (had {loads})")
 
 
-def test_close_wakes_a_call_blocked_in_another_thread(daemon: Daemon) -> None:
+def test_close_wakes_a_call_blocked_in_another_thread(start: Callable[[Any], Any]) -> None:
+    redis_server = start(RedisServer())
+    daemon = start(Daemon(redis_server.url, args=["--request-timeout-ms", "10000"]))
     client = Client(daemon.socket_path, timeout_s=10)
     client.ping()
     outcome: list[BaseException] = []
@@ -464,10 +473,10 @@ def test_close_wakes_a_call_blocked_in_another_thread(daemon: Daemon) -> None:
         except BaseException as exc:
             outcome.append(exc)
 
-    with stopped(daemon):
+    with redis_server.paused():  # the call waits in the daemon, its thread in recv()
         thread = threading.Thread(target=blocked)
         thread.start()
-        time.sleep(0.1)
+        wait_for(lambda: in_flight(daemon.socket_path) == 1, what="the call in the daemon")
         started = time.monotonic()
         client.close()
         thread.join(5)
@@ -483,7 +492,7 @@ def test_aclose_fails_pending_calls_and_refuses_new_ones(daemon: Daemon) -> None
         await client.ping()
         with stopped(daemon):
             pending = asyncio.ensure_future(client.get_linked_pod("closing", "u", "svc"))
-            await asyncio.sleep(0.05)
+            await written(client)
             await client.aclose()
             with pytest.raises(ClientClosedError):
                 await pending

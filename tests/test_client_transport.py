@@ -9,92 +9,16 @@ methods' meaning is tested against the real daemon in test_client.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import pytest
-from support import short_tmpdir
+from support.peer import Peer, peer
 
 from statefuld_client import AsyncClient, Client, ClientTimeoutError, ConnectionLostError, ProtocolError
-
-Handler = Callable[["Peer", int, list[Any], socket.socket], None]
-
-
-class Peer:
-    """A Unix-socket server on a thread; ``handler(peer, conn_no, message, conn)`` answers each message."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.dir = short_tmpdir("sfc-")
-        self.socket_path = os.path.join(self.dir, "peer.sock")
-        self.handler = handler
-        self.seen: list[tuple[int, list[Any]]] = []
-        self.held: list[tuple[socket.socket, list[Any]]] = []
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self.socket_path)
-        self._listener.listen(16)
-        self._conns: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    @staticmethod
-    def reply(conn: socket.socket, msgid: int, result: Any, error: Any = None) -> None:
-        with contextlib.suppress(OSError):
-            conn.sendall(msgpack.packb([1, msgid, error, result]))
-
-    def _accept(self) -> None:
-        conn_no = 0
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            conn_no += 1
-            self._conns.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn_no, conn), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn_no: int, conn: socket.socket) -> None:
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        while True:
-            try:
-                data = conn.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            unpacker.feed(data)
-            for message in unpacker:
-                self.seen.append((conn_no, message))
-                self.handler(self, conn_no, message, conn)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the thread (Linux)
-        self._listener.close()
-        for conn in self._conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-        for thread in self._threads:
-            thread.join(5)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def peer(handler: Handler) -> Iterator[Peer]:
-    p = Peer(handler)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def echo(peer: Peer, conn_no: int, message: list[Any], conn: socket.socket) -> None:
@@ -196,13 +120,13 @@ def test_garbage_from_the_peer_is_a_protocol_error_then_the_client_reconnects() 
 def test_msgids_wrap_around_at_2_32() -> None:
     with peer(echo) as p:
         with Client(p.socket_path) as client:
-            client._msgid = 2**32 - 2
+            client._msgids.last = 2**32 - 2
             for _ in range(3):
                 client.ping()
 
         async def scenario() -> None:
             async with AsyncClient(p.socket_path) as aclient:
-                aclient._msgid = 2**32 - 2
+                aclient._msgids.last = 2**32 - 2
                 await asyncio.gather(*(aclient.ping() for _ in range(3)))
 
         asyncio.run(scenario())

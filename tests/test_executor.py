@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import ExecutorRun, run_async
-from support import Daemon, RedisServer, free_port, rpc_call, running
+from support import Daemon, ExecutorRun, RedisServer, free_port, rpc_call, run_async, running
 
 from statefuld.config import Config
-from statefuld.errors import Internal, Unavailable
+from statefuld.errors import Internal, RpcError, Unavailable
 from statefuld.executor import Executor
 
 NS, UID, SVC = "game", "alice", "lobby"
@@ -459,7 +458,7 @@ def test_redis_errors_are_internal_and_do_not_echo_user_data(with_executor: Exec
     redis_db.set("sf:{game:state:lobby}", "not a hash")
     redis_db.set(f"sf:{{game:lk:{uid}}}chat", "garbage-4712")
 
-    async def body(ex: Executor) -> list[Internal]:
+    async def body(ex: Executor) -> list[RpcError]:
         calls = [
             ex.set_linked_pod(NS, uid, SVC, 3, -1),
             ex.get_link_service(NS, uid),
@@ -468,12 +467,13 @@ def test_redis_errors_are_internal_and_do_not_echo_user_data(with_executor: Exec
         ]
         errors = []
         for call in calls:
-            with pytest.raises(Internal) as info:
+            with pytest.raises(RpcError) as info:
                 await call
             errors.append(info.value)
         return errors
 
     for error in with_executor(body):
+        assert error.code == "INTERNAL"
         assert uid not in error.message and "4712" not in error.message, error.message
 
 

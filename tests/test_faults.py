@@ -22,8 +22,7 @@ from typing import Any
 import msgpack
 import pytest
 import redis
-from conftest import run_async
-from support import Daemon, RedisServer, rpc_call, running, wait_for
+from support import Daemon, RedisServer, rpc_call, run_async, running, wait_for
 
 from statefuld_client import (
     AsyncClient,

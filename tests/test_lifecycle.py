@@ -7,11 +7,12 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
-from support import Daemon, RedisServer, rpc_call, running, short_tmpdir, wait_for
-from test_protocol import NS, SVC, RawConnection
+from support import NS, SVC, Daemon, RawClient, RedisServer, in_flight, rpc_call, running, short_tmpdir, wait_for
+
+Raw = Callable[..., RawClient]
 
 EXIT_REDIS_UNAVAILABLE = 69
 EXIT_SOCKET_IN_USE = 73
@@ -33,57 +34,58 @@ def connect_refused(path: str) -> bool:
     return False
 
 
-def test_sigterm_drains_requests_in_flight_then_exits_0(own_redis: RedisServer) -> None:
+def test_sigterm_drains_requests_in_flight_then_exits_0(own_redis: RedisServer, raw: Raw,
+                                                        start: Callable[[Daemon], Daemon]) -> None:
     args = ["--request-timeout-ms", "10000", "--drain-timeout-s", "10"]
-    with running(Daemon(own_redis.url, args=args)) as daemon:
-        c = RawConnection(daemon.socket_path, timeout_s=10)
-        with own_redis.paused():
-            for i in range(5):
-                c.request(i, "set_linked_pod", [NS, f"user{i}", SVC, i, -1])
-            time.sleep(0.3)  # the requests are in the daemon, waiting on Redis
-            daemon.signal(signal.SIGTERM)
-            # Draining: the listener is closed at once, the process stays for the requests in flight.
-            wait_for(lambda: connect_refused(daemon.socket_path), timeout_s=5, what="listener closed")
-            assert daemon.proc is not None and daemon.proc.poll() is None
-        assert c.replies(5) == {i: (None, None) for i in range(5)}
-        assert daemon.wait(10) == 0
-        assert own_redis.client().get(f"sf:{{{NS}:lk:user3}}{SVC}") == "3"  # written, acknowledged
-        assert not os.path.exists(daemon.socket_path)
-        c.close()
+    daemon = start(Daemon(own_redis.url, args=args))
+    c = raw(daemon.socket_path, timeout_s=10)
+    with own_redis.paused():
+        for i in range(5):
+            c.request(i, "set_linked_pod", [NS, f"user{i}", SVC, i, -1])
+        wait_for(lambda: in_flight(daemon.socket_path) == 5, what="the requests in the daemon, waiting on Redis")
+        daemon.signal(signal.SIGTERM)
+        # Draining: the listener is closed at once, the process stays for the requests in flight.
+        wait_for(lambda: connect_refused(daemon.socket_path), timeout_s=5, what="listener closed")
+        assert daemon.proc is not None and daemon.proc.poll() is None
+    assert c.replies(5) == {i: (None, None) for i in range(5)}
+    assert daemon.wait(10) == 0
+    assert own_redis.client().get(f"sf:{{{NS}:lk:user3}}{SVC}") == "3"  # written, acknowledged
+    assert not os.path.exists(daemon.socket_path)
 
 
-def test_requests_still_in_flight_after_the_drain_bound_are_answered_unavailable(own_redis: RedisServer) -> None:
+def test_requests_still_in_flight_after_the_drain_bound_are_answered_unavailable(
+        own_redis: RedisServer, raw: Raw, start: Callable[[Daemon], Daemon]) -> None:
     args = ["--request-timeout-ms", "10000", "--drain-timeout-s", "0.3"]
-    with running(Daemon(own_redis.url, args=args)) as daemon:
-        c = RawConnection(daemon.socket_path, timeout_s=10)
-        with own_redis.paused():
-            c.request(1, "get_linked_pod", [NS, "alice", SVC])
-            time.sleep(0.2)
-            daemon.signal(signal.SIGTERM)
-            error, _ = c.replies(1)[1]
-            assert error["code"] == "UNAVAILABLE"
-        assert daemon.wait(10) == 0
-        assert not os.path.exists(daemon.socket_path)
-        c.close()
+    daemon = start(Daemon(own_redis.url, args=args))
+    c = raw(daemon.socket_path, timeout_s=10)
+    with own_redis.paused():
+        c.request(1, "get_linked_pod", [NS, "alice", SVC])
+        wait_for(lambda: in_flight(daemon.socket_path) == 1, what="the request in the daemon")
+        daemon.signal(signal.SIGTERM)
+        error, _ = c.replies(1)[1]
+        assert error["code"] == "UNAVAILABLE"
+    assert daemon.wait(10) == 0
+    assert not os.path.exists(daemon.socket_path)
 
 
-def test_second_signal_forces_exit_and_still_removes_the_socket(own_redis: RedisServer) -> None:
+def test_second_signal_forces_exit_and_still_removes_the_socket(own_redis: RedisServer, raw: Raw,
+                                                                start: Callable[[Daemon], Daemon]) -> None:
     args = ["--request-timeout-ms", "30000", "--drain-timeout-s", "30"]
-    with running(Daemon(own_redis.url, args=args)) as daemon:
-        c = RawConnection(daemon.socket_path)
-        with own_redis.paused():
-            c.request(1, "get_linked_pod", [NS, "alice", SVC])
-            time.sleep(0.2)
-            daemon.signal(signal.SIGTERM)
-            time.sleep(0.3)
-            assert daemon.proc is not None and daemon.proc.poll() is None  # draining, would wait 30 s
-            started = time.monotonic()
-            daemon.signal(signal.SIGINT)
-            code = daemon.wait(5)
-        assert code != 0
-        assert time.monotonic() - started < 3
-        assert not os.path.exists(daemon.socket_path)
-        c.close()
+    daemon = start(Daemon(own_redis.url, args=args))
+    c = raw(daemon.socket_path)
+    with own_redis.paused():
+        c.request(1, "get_linked_pod", [NS, "alice", SVC])
+        wait_for(lambda: in_flight(daemon.socket_path) == 1, what="the request in the daemon")
+        daemon.signal(signal.SIGTERM)
+        # Draining (it would wait 30 s): the listener closes at once, the process stays.
+        wait_for(lambda: connect_refused(daemon.socket_path), timeout_s=5, what="listener closed")
+        assert daemon.proc is not None and daemon.proc.poll() is None
+        started = time.monotonic()
+        daemon.signal(signal.SIGINT)
+        code = daemon.wait(5)
+    assert code != 0
+    assert time.monotonic() - started < 3
+    assert not os.path.exists(daemon.socket_path)
 
 
 def test_socket_is_0660_by_default_and_removed_at_exit(redis_server: RedisServer) -> None:
@@ -177,13 +179,10 @@ def test_sticky_shared_directory_is_accepted(redis_server: RedisServer) -> None:
         assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
 
 
-def test_sigterm_during_startup_exits_0_without_a_socket() -> None:
-    daemon = Daemon("unix:///nonexistent/redis.sock", args=["--startup-timeout-s", "30"])
-    try:
-        daemon.start(wait=False)
-        time.sleep(1.0)  # inside the start-up retries
-        daemon.signal(signal.SIGTERM)
-        assert daemon.wait(10) == 0
-        assert not os.path.exists(daemon.socket_path)
-    finally:
-        daemon.cleanup()
+def test_sigterm_during_startup_exits_0_without_a_socket(tmp_daemon: Callable[..., Daemon]) -> None:
+    daemon = tmp_daemon("unix:///nonexistent/redis.sock", args=["--startup-timeout-s", "30"])
+    daemon.start(wait=False)
+    wait_for(lambda: "not ready yet" in daemon.log(), what="the start-up retries")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
+    assert not os.path.exists(daemon.socket_path)

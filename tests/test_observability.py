@@ -95,7 +95,7 @@ def test_metrics_count_known_traffic_and_parse(metrics_daemon: tuple[Daemon, int
     for name in ("statefuld_script_reloads_total", "statefuld_requests_shed_total", "statefuld_deadline_expired_total",
                  "statefuld_notifications_failed_total", "statefuld_internal_errors_total"):
         assert value(got, name) == 0, name
-    assert value(got, "statefuld_build_info", version=stats["version"], build=stats["build"]) == 1
+    assert value(got, "statefuld_build_info", version=stats["version"]) == 1
     assert ("process_resident_memory_bytes", ()) in got
 
     # The stats method saw the same numbers (it was called before the scrape, so once less for itself).

@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import pytest
 import redis
-from conftest import ExecutorRun
-from support import Daemon, RedisServer, rpc_call, wait_for
+from support import Daemon, ExecutorRun, RedisServer, rpc_call, wait_for
 
 from statefuld.executor import Executor
 from statefuld.scripts import scripts_dir
@@ -51,6 +49,12 @@ def loads_of(r: redis.Redis, pods: Any = None) -> dict[str, tuple[int, int]]:
     """pod -> (load, unix ms) of the reports (of ``pods`` only, if given)."""
     raw: dict[str, str] = r.hgetall(LOADS)  # type: ignore[assignment]
     return {pod: (int(v.split(":")[0]), int(v.split(":")[1])) for pod, v in raw.items() if pods is None or pod in pods}
+
+
+def wait_until_reports_are_older_than(r: redis.Redis, age_ms: int) -> None:
+    """Until Redis's clock, which judges staleness, is ``age_ms`` past every load report."""
+    newest = max(stamp for _, stamp in loads_of(r).values())
+    wait_for(lambda: redis_ms(r) - newest >= age_ms, timeout_s=5, what=f"the reports {age_ms} ms old")
 
 
 def snapshot(r: redis.Redis) -> dict[str, Any]:
@@ -87,7 +91,7 @@ def test_report_pod_load_writes_load_and_redis_time(with_executor: ExecutorRun, 
     assert all(before <= stamp <= after for _, stamp in loads.values())
 
     # A new report replaces the load and refreshes the stamp.
-    time.sleep(0.01)
+    wait_for(lambda: redis_ms(redis_db) > loads["3"][1], what="Redis's clock to pass the report's millisecond")
     with_executor(lambda ex: ex.report_pod_load(NS, SVC, 3, 5))
     load, stamp = loads_of(redis_db)["3"]
     assert load == 5 and stamp > loads["3"][1]
@@ -174,7 +178,7 @@ def test_a_report_goes_stale_after_the_bound(with_executor: ExecutorRun, redis_d
     async def body(ex: Executor) -> Any:
         await ex.report_pod_load(NS, SVC, 1, 0)
         fresh = await ex.compute_linked_pod(NS, "early", SVC, -1)
-        await asyncio.sleep(0.35)
+        await asyncio.to_thread(wait_until_reports_are_older_than, redis_db, 300)
         stale = await ex.compute_linked_pod(NS, "late", SVC, -1)
         await ex.report_pod_load(NS, SVC, 1, 0)  # the pod's next report makes it eligible again
         return fresh, stale, await ex.compute_linked_pod(NS, "late", SVC, -1)
@@ -338,7 +342,7 @@ def test_routable_states_and_staleness_are_configurable(how: str, redis_server: 
         # Both configured states are routable (the default is Ready alone); Draining never is.
         assert {pod for _, pod in picked} == {1, 2}
         # 400 ms without a report and no pod is eligible (the default bound is 10 s).
-        time.sleep(0.5)
+        wait_until_reports_are_older_than(redis_db, 400)
         assert rpc_call(daemon.socket_path, "compute_linked_pod", [NS, "late", SVC, -1]) == (None, None)
         assert not redis_db.exists(link("late"))
     finally:

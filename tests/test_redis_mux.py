@@ -10,24 +10,10 @@ from typing import Any, TypeVar
 import pytest
 import redis
 import uvloop
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from support import RedisServer, free_port, short_tmpdir
 
-from statefuld.errors import Unavailable
-from statefuld.executor import Executor, Keys
-from statefuld.redis_mux import (
-    CRLF,
-    Endpoint,
-    RedisMux,
-    ReplyError,
-    Waiter,
-    bulk_head,
-    command_head,
-    encode_command,
-    encode_get,
-)
-from statefuld.scripts import Scripts, load_scripts
+from statefuld.errors import Internal, Unavailable
+from statefuld.redis_mux import Endpoint, RedisMux, ReplyError
 
 _T = TypeVar("_T")
 
@@ -98,7 +84,7 @@ def test_an_error_reply_fails_only_its_own_command_in_a_batch(url: str) -> None:
         )
         assert mux.stats()["writes"] == before + 1, "the five commands went out in one write"
         assert results[0] == b"a" and results[4] == b"b"
-        codes = [r.code if isinstance(r, ReplyError) else r for r in results[1:4]]
+        codes = [r.kind if isinstance(r, ReplyError) else r for r in results[1:4]]
         assert codes == ["WRONGTYPE", "NOSCRIPT", "ERR"]
         assert await mux.execute("GET", "string") == b"x"
 
@@ -257,8 +243,8 @@ def test_script_flush_in_the_middle_of_a_batch_is_invisible_to_callers(url: str)
         def __init__(self, mux: RedisMux) -> None:
             self.mux = mux
 
-        def execute(self, route_key: str, *args: Any) -> Awaitable[Any]:
-            return self.mux.execute(*args)
+        def execute(self, route_key: str, *args: Any, decode: Any = None) -> Awaitable[Any]:
+            return self.mux.execute(*args, decode=decode)
 
     async def body(mux: RedisMux) -> None:
         scripts = Scripts(load_scripts())
@@ -282,111 +268,27 @@ def test_script_flush_in_the_middle_of_a_batch_is_invisible_to_callers(url: str)
     run(lambda: with_mux(url, body))
 
 
-class _Owner:
-    def __init__(self, got: dict[int, Any]) -> None:
-        self.got = got
-        self.flushes: list[int] = []
+def test_a_decoder_shapes_its_own_reply_in_order_and_fails_only_its_own_command(url: str) -> None:
+    def must_be_digits(raw: bytes) -> int:
+        if not raw.isdigit():
+            raise Internal("not digits")
+        return int(raw)
 
-    def flush(self) -> None:
-        self.flushes.append(len(self.got))
-
-
-class _Recorder(Waiter):
-    __slots__ = ("index", "owner")
-
-    def __init__(self, owner: _Owner, index: int) -> None:
-        self.owner, self.index = owner, index
-
-    def reply(self, value: Any) -> Any:
-        self.owner.got[self.index] = value
-        return self.owner  # the same owner for many replies of one read: flushed once
-
-
-def test_waiters_get_replies_in_the_read_in_order_with_errors_and_one_flush_per_read(url: str) -> None:
     async def body(mux: RedisMux) -> None:
         await mux.connect()
-        got: dict[int, Any] = {}
-        owner = _Owner(got)
-        flushes = owner.flushes
-        waiters = [_Recorder(owner, i) for i in range(6)]
-        # Waiters and futures interleaved in one write: each reply reaches the one it answers.
-        assert mux.execute_to(waiters[0], encode_command(("SET", "w", "1")))
-        future = mux.execute("GET", "w")
-        assert mux.execute_to(waiters[1], encode_get("w"))
-        assert mux.execute_to(waiters[2], encode_command(("EVALSHA", "0" * 40, 0)))  # NOSCRIPT, as a value
-        assert mux.execute_to(waiters[3], encode_command(("INCR", "w")))
-        assert await future == b"1"
-        await asyncio.sleep(0.05)
-        assert (got[0], got[1], got[3]) == (b"OK", b"1", 2)
-        assert isinstance(got[2], ReplyError) and got[2].code == "NOSCRIPT"
-        assert 1 <= len(flushes) <= 2 and flushes[-1] == 4  # each owner once per read, after the read
-        # A lost connection hands each waiter still waiting an Unavailable.
-        assert mux.execute_to(waiters[4], encode_command(("BLPOP", "nothing", 0)))
-        await asyncio.sleep(0.05)
-        await mux.close()
-        await asyncio.sleep(0.05)
-        assert isinstance(got[4], Unavailable)
-        assert not mux.execute_to(waiters[5], encode_command(("PING",)))  # not connected: the caller uses execute()
+        replies = await asyncio.gather(
+            mux.execute("SET", "d", "41"),
+            mux.execute("INCR", "d", decode=lambda n: n * 10),
+            mux.execute("GET", "d", decode=must_be_digits),
+            mux.execute("SET", "e", "x", decode=lambda _: None),
+            mux.execute("GET", "e", decode=must_be_digits),  # the decoder refuses: this command alone fails
+            mux.execute("EVALSHA", "0" * 40, 0, decode=must_be_digits),  # an error reply never reaches decode
+            mux.execute("GET", "d"),
+            return_exceptions=True,
+        )
+        assert replies[:4] == [b"OK", 420, 42, None]
+        assert isinstance(replies[4], Internal) and replies[4].message == "not digits"
+        assert isinstance(replies[5], ReplyError) and replies[5].kind == "NOSCRIPT"
+        assert replies[6] == b"42"
 
     run(lambda: with_mux(url, body))
-
-
-# --- RESP for the hot path: the same bytes hiredis.pack_command sends ----------------------------
-
-# Any text a key can hold; lone surrogates are not text (the daemon refuses them before here).
-_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=300)
-_WORD = st.one_of(_TEXT, st.integers(min_value=-(2**63), max_value=2**63 - 1))
-
-
-@settings(max_examples=300, deadline=None)
-@given(_TEXT)
-def test_encode_get_is_what_hiredis_encodes(key: str) -> None:
-    assert encode_get(key) == encode_command(("GET", key))
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(_WORD, min_size=1, max_size=8), st.integers(min_value=0, max_value=8))
-def test_a_command_head_and_bulks_are_what_hiredis_encodes(words: list[str | int], fixed: int) -> None:
-    fixed = min(fixed, len(words))
-    rest = [w.encode() if isinstance(w, str) else b"%d" % w for w in words[fixed:]]
-    encoded = command_head(len(words), *words[:fixed]) + b"".join(bulk_head(len(data)) + data + CRLF for data in rest)
-    assert encoded == encode_command(tuple(words))
-
-
-@pytest.mark.parametrize("size", [0, 1, 9, 10, 255, 256, 257, 1000, 70000])
-def test_a_key_of_any_length_is_encoded_as_hiredis_would(size: int) -> None:
-    # Lengths below 256 come from a table, longer ones are formatted: both sides of the seam.
-    key = "k" * size
-    assert encode_get(key) == encode_command(("GET", key))
-    assert command_head(3, "SET", key) + bulk_head(size) + key.encode() + CRLF == encode_command(("SET", key, key))
-
-
-class _Recording:
-    """A one-node transport that only records what the executor hands its execute_to."""
-
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def execute_to(self, waiter: Waiter, command: bytes) -> bool:
-        self.sent.append(command)
-        return True
-
-
-@settings(max_examples=200, deadline=None)
-@given(ns=_TEXT.filter(bool), uid=_TEXT.filter(bool), service=_TEXT.filter(bool),
-       pod_id=st.integers(min_value=0, max_value=2**31 - 1),
-       persist_seconds=st.one_of(st.just(-1), st.integers(min_value=1, max_value=2**31 - 1)))
-def test_the_executor_sends_the_hot_commands_as_hiredis_would(ns: str, uid: str, service: str, pod_id: int,
-                                                              persist_seconds: int) -> None:
-    scripts = Scripts(load_scripts())
-    transport = _Recording()
-    executor = Executor(transport, scripts, Keys("sf"))  # type: ignore[arg-type]
-    waiter = Waiter()
-    executor.begin_get_linked_pod(ns, uid, service, waiter)
-    executor.begin_set_linked_pod(ns, uid, service, pod_id, persist_seconds, waiter)
-    keys = Keys("sf")
-    assert transport.sent == [
-        encode_command(("GET", keys.link(ns, uid, service))),
-        encode_command(("EVALSHA", scripts["set_linked_pod"].sha, 2, keys.link_hash(ns, uid),
-                        keys.link(ns, uid, service), service, pod_id, persist_seconds)),
-    ]

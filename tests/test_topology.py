@@ -17,16 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import run_async
 from redis.crc import key_slot
-from support import Daemon, RedisClusterProcs, RedisSentinelProcs, RedisServer, rpc_call, running
+from support import Daemon, RedisClusterProcs, RedisSentinelProcs, RedisServer, rpc_call, run_async, running
 
 from statefuld.config import Config
 from statefuld.errors import Unavailable
-from statefuld.executor import Executor, StandaloneTransport, make_transport
+from statefuld.executor import Executor
 from statefuld.metrics import RedisWatch
 from statefuld.scripts import load_scripts
-from statefuld.topology import ClusterTransport, SentinelTransport, SentinelUrl
+from statefuld.transports import ClusterTransport, SentinelTransport, SentinelUrl, StandaloneTransport, make_transport
 
 NS, SVC = "game", "lobby"
 ACL = ["--user", "alice", "on", ">s3cret", "~*", "&*", "+@all"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from support import Daemon, RedisClusterProcs, RedisSentinelProcs, TlsFiles, rpc_call, running, short_tmpdir
-from test_tls import make_ca, make_cert
+from support.tls import make_ca, make_cert
 
 NS, SVC = "tls", "lobby"
 

@@ -12,8 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 import redis
-from conftest import ExecutorRun, run_async
-from support import Daemon, RedisServer, running
+from support import Daemon, ExecutorRun, RedisServer, run_async, running
 
 from statefuld.config import Config
 from statefuld.errors import InvalidArgument, UnknownMethod
@@ -212,12 +211,12 @@ def test_rejected_calls_send_nothing_to_redis(with_executor: ExecutorRun, redis_
         before = command_counts(redis_db)
         for method, params, param in SPOILED:
             with pytest.raises(InvalidArgument, match=param):
-                await dispatcher.dispatch(method, params)
+                await dispatcher.start(method, params)
         for unknown in ("nope", None):
             with pytest.raises(UnknownMethod):
-                await dispatcher.dispatch(unknown, [])
+                await dispatcher.start(unknown, [])
         with pytest.raises(InvalidArgument):
-            await dispatcher.dispatch("set_linked_pod", ["game", "alice", "lobby", 3])
+            await dispatcher.start("set_linked_pod", ["game", "alice", "lobby", 3])
         return before, command_counts(redis_db)
 
     before, after = with_executor(body)
@@ -227,7 +226,7 @@ def test_rejected_calls_send_nothing_to_redis(with_executor: ExecutorRun, redis_
 
 def test_dispatch_results_are_msgpack_ready(with_executor: ExecutorRun) -> None:
     async def body(ex: Executor) -> Any:
-        d = Dispatcher(ex, CONFIG).dispatch
+        d = Dispatcher(ex, CONFIG).start
         return [
             await d("ping", []),
             await d("set_service_state", ["game", "lobby", 3, "Ready"]),
@@ -240,7 +239,8 @@ def test_dispatch_results_are_msgpack_ready(with_executor: ExecutorRun) -> None:
             await d("health", []),
         ]
 
-    assert with_executor(body) == [
+    results = with_executor(body)
+    assert msgpack.unpackb(msgpack.packb(results), strict_map_key=False) == [
         "PONG", None, {3: "Ready"}, None, [False, 3], {3: ["alice"]}, {"lobby": 3}, True,
         {"ready": True, "redis": "ok"},
     ]
@@ -253,7 +253,7 @@ def test_ping_does_not_need_redis() -> None:
             try:
                 server.kill()
                 dispatcher = Dispatcher(ex, CONFIG)
-                return await dispatcher.dispatch("ping", []), await dispatcher.dispatch("health", [])
+                return await dispatcher.start("ping", []), await dispatcher.start("health", [])
             finally:
                 await ex.close()
 

@@ -1,4 +1,5 @@
-"""Real processes for the tests: redis-server and statefuld daemons on short private paths."""
+"""Real processes for the tests: redis-server, Redis Cluster and Sentinel, statefuld daemons,
+each on short private paths, and the helpers to wait for them."""
 
 from __future__ import annotations
 
@@ -21,30 +22,9 @@ import pytest
 import redis
 import redis.cluster
 
-REPO = Path(__file__).resolve().parent.parent
+from support.wire import rpc_call
 
-
-# The contract's methods (SPEC sections 2 and 2b) and their params in wire order, written out from
-# the contract itself, independently of the daemon's and the client's own tables.
-CONTRACT_METHODS: dict[str, list[str]] = {
-    "ping": [], "health": [],
-    "set_service_state": ["ns", "service", "pod_id", "state"],
-    "get_service_state": ["ns", "service"],
-    "set_workload_state": ["ns", "service", "state"],
-    "get_workload_state": ["ns", "service"],
-    "get_workload_state_batch": ["ns", "services"],
-    "set_linked_pod": ["ns", "uid", "service", "pod_id", "persist_seconds"],
-    "try_set_linked_pod": ["ns", "uid", "service", "pod_id", "persist_seconds"],
-    "set_linked_pod_if_absent": ["ns", "uid", "service", "pod_id", "persist_seconds"],
-    "get_linked_pod": ["ns", "uid", "service"],
-    "get_linked_pod_if_persist": ["ns", "uid", "service"],
-    "batch_get_linked_pod": ["ns", "uids", "service"],
-    "remove_linked_pod": ["ns", "uid", "service", "persist_seconds"],
-    "remove_linked_pod_with_id": ["ns", "uid", "service", "persist_seconds", "pod_id"],
-    "get_link_service": ["ns", "uid"],
-    "report_pod_load": ["ns", "service", "pod_id", "load"],
-    "compute_linked_pod": ["ns", "uid", "service", "persist_seconds"],
-}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def redis_server_binary() -> str:
@@ -240,24 +220,6 @@ class Daemon:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def rpc_call(socket_path: str, method: str, params: list[Any], timeout_s: float = 5.0,
-             msgid: int = 1) -> tuple[Any, Any]:
-    """One MessagePack-RPC call with msgpack alone: returns (error, result)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout_s)
-        s.connect(socket_path)
-        s.sendall(msgpack.packb([0, msgid, method, params]))
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        while True:
-            data = s.recv(65536)
-            if not data:
-                raise ConnectionResetError("daemon closed the connection")
-            unpacker.feed(data)
-            for message in unpacker:
-                assert message[0] == 1 and message[1] == msgid, message
-                return message[2], message[3]
 
 
 @contextlib.contextmanager
