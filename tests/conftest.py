@@ -6,7 +6,16 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
-from support import Daemon, ExecutorRun, RawClient, RedisClusterProcs, RedisSentinelProcs, RedisServer, run_async
+from support import (
+    Daemon,
+    DaemonFactory,
+    ExecutorRun,
+    RawClient,
+    RedisClusterProcs,
+    RedisSentinelProcs,
+    RedisServer,
+    run_async,
+)
 
 # Which Redis the shared fixtures (redis_server, redis_db, daemon, with_executor) stand on:
 # standalone (the default), cluster (3 primaries + 3 replicas) or sentinel (a primary, a replica,
@@ -145,7 +154,7 @@ def raw() -> Iterator[Callable[..., RawClient]]:
 
 
 @pytest.fixture
-def tmp_daemon() -> Iterator[Callable[..., Daemon]]:
+def tmp_daemon() -> Iterator[DaemonFactory]:
     """``tmp_daemon(redis_url, **kwargs)`` makes a Daemon that the test starts itself (it may be
     meant to fail); it is stopped and its files removed when the test ends."""
     made: list[Daemon] = []

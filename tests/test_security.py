@@ -22,7 +22,18 @@ from pathlib import Path
 import msgpack
 import pytest
 import redis
-from support import NOBODY, Daemon, RedisServer, as_root, call_as, reachable_by_others, rpc_call, running, short_tmpdir
+from support import (
+    NOBODY,
+    Daemon,
+    DaemonFactory,
+    RedisServer,
+    as_root,
+    call_as,
+    reachable_by_others,
+    rpc_call,
+    running,
+    short_tmpdir,
+)
 
 EXIT_REDIS_UNAVAILABLE = 69
 EXIT_CONFIG = 78
@@ -58,41 +69,33 @@ def test_socket_group_gets_in_and_others_do_not(redis_server: RedisServer) -> No
         assert call_as(NOBODY, NOBODY, daemon.socket_path, [0, 1, "ping", []]) == "EACCES"
 
 
-def test_unknown_socket_group_is_refused_at_start(redis_server: RedisServer) -> None:
-    daemon = Daemon(redis_server.url, args=["--socket-group", "no-such-group-here"])
-    try:
-        daemon.start(wait=False)
-        assert daemon.wait(15) == EXIT_CONFIG
-        assert "no-such-group-here" in daemon.log() and not os.path.exists(daemon.socket_path)
-    finally:
-        daemon.cleanup()
+def test_unknown_socket_group_is_refused_at_start(redis_server: RedisServer, tmp_daemon: DaemonFactory) -> None:
+    daemon = tmp_daemon(redis_server.url, args=["--socket-group", "no-such-group-here"])
+    daemon.start(wait=False)
+    assert daemon.wait(15) == EXIT_CONFIG
+    assert "no-such-group-here" in daemon.log() and not os.path.exists(daemon.socket_path)
 
 
-def test_socket_and_directory_modes_do_not_depend_on_the_umask(redis_server: RedisServer) -> None:
-    daemon = Daemon(redis_server.url)
+def test_socket_and_directory_modes_do_not_depend_on_the_umask(redis_server: RedisServer,
+                                                               tmp_daemon: DaemonFactory) -> None:
+    daemon = tmp_daemon(redis_server.url)
     daemon.socket_path = os.path.join(daemon.dir, "run", "s.sock")
     old = os.umask(0)  # inherited by the daemon: the most permissive a careless unit could set
     try:
         daemon.start()
     finally:
         os.umask(old)
-    try:
-        assert stat.S_IMODE(os.lstat(daemon.socket_path).st_mode) == 0o660
-        assert stat.S_IMODE(os.stat(os.path.dirname(daemon.socket_path)).st_mode) == 0o755
-    finally:
-        daemon.cleanup()
+    assert stat.S_IMODE(os.lstat(daemon.socket_path).st_mode) == 0o660
+    assert stat.S_IMODE(os.stat(os.path.dirname(daemon.socket_path)).st_mode) == 0o755
 
 
-def test_a_regular_file_at_the_socket_path_is_left_alone(redis_server: RedisServer) -> None:
-    daemon = Daemon(redis_server.url)
+def test_a_regular_file_at_the_socket_path_is_left_alone(redis_server: RedisServer, tmp_daemon: DaemonFactory) -> None:
+    daemon = tmp_daemon(redis_server.url)
     Path(daemon.socket_path).write_text("precious")
-    try:
-        daemon.start(wait=False)
-        assert daemon.wait(15) == EXIT_CONFIG
-        assert Path(daemon.socket_path).read_text() == "precious"
-        assert "not a socket" in daemon.log()
-    finally:
-        daemon.cleanup()
+    daemon.start(wait=False)
+    assert daemon.wait(15) == EXIT_CONFIG
+    assert Path(daemon.socket_path).read_text() == "precious"
+    assert "not a socket" in daemon.log()
 
 
 def test_a_symlink_to_a_live_file_is_neither_followed_nor_replaced(redis_server: RedisServer) -> None:
@@ -114,26 +117,22 @@ def test_a_symlink_to_a_live_file_is_neither_followed_nor_replaced(redis_server:
 
 
 @as_root
-def test_a_socket_directory_owned_by_another_user_is_refused(redis_server: RedisServer) -> None:
-    daemon = Daemon(redis_server.url)
+def test_a_socket_directory_owned_by_another_user_is_refused(redis_server: RedisServer,
+                                                             tmp_daemon: DaemonFactory) -> None:
+    daemon = tmp_daemon(redis_server.url)
     os.chown(daemon.dir, NOBODY, NOBODY)  # its owner could swap our socket for theirs
-    try:
-        daemon.start(wait=False)
-        assert daemon.wait(15) == EXIT_CONFIG
-        assert "owned by uid 65534" in daemon.log() and not os.path.exists(daemon.socket_path)
-    finally:
-        daemon.cleanup()
+    daemon.start(wait=False)
+    assert daemon.wait(15) == EXIT_CONFIG
+    assert "owned by uid 65534" in daemon.log() and not os.path.exists(daemon.socket_path)
 
 
-def test_a_group_writable_directory_without_sticky_bit_is_refused(redis_server: RedisServer) -> None:
-    daemon = Daemon(redis_server.url)
+def test_a_group_writable_directory_without_sticky_bit_is_refused(redis_server: RedisServer,
+                                                                  tmp_daemon: DaemonFactory) -> None:
+    daemon = tmp_daemon(redis_server.url)
     os.chmod(daemon.dir, 0o770)
-    try:
-        daemon.start(wait=False)
-        assert daemon.wait(15) == EXIT_CONFIG
-        assert "writable by group or others" in daemon.log()
-    finally:
-        daemon.cleanup()
+    daemon.start(wait=False)
+    assert daemon.wait(15) == EXIT_CONFIG
+    assert "writable by group or others" in daemon.log()
 
 
 # --- peers checked by SO_PEERCRED ------------------------------------------------------------------
@@ -242,22 +241,20 @@ def test_password_file_and_acl_user(auth_redis: AuthRedis) -> None:
 
 
 @pytest.mark.parametrize("setup", ["wrong password", "wrong user"])
-def test_refused_credentials_fail_start_up_clearly_without_the_password(auth_redis: AuthRedis, setup: str) -> None:
+def test_refused_credentials_fail_start_up_clearly_without_the_password(auth_redis: AuthRedis, setup: str,
+                                                                        tmp_daemon: DaemonFactory) -> None:
     wrong = "Wr0ng-" + PASSWORD
     args = ["--startup-timeout-s", "0.5", "--log-level", "debug"]
     env = {"STATEFULD_REDIS_PASSWORD": wrong if setup == "wrong password" else PASSWORD}
     if setup == "wrong user":
         args += ["--redis-username", "nosuchuser"]
-    daemon = Daemon(auth_redis.url, args=args, env=env)
-    try:
-        daemon.start(wait=False)
-        assert daemon.wait(15) == EXIT_REDIS_UNAVAILABLE
-        log = daemon.log()
-        assert "cannot start" in log and "WRONGPASS" in log  # says what is wrong...
-        assert wrong not in log and PASSWORD not in log  # ...without saying the secret
-        assert not os.path.exists(daemon.socket_path)
-    finally:
-        daemon.cleanup()
+    daemon = tmp_daemon(auth_redis.url, args=args, env=env)
+    daemon.start(wait=False)
+    assert daemon.wait(15) == EXIT_REDIS_UNAVAILABLE
+    log = daemon.log()
+    assert "cannot start" in log and "WRONGPASS" in log  # says what is wrong...
+    assert wrong not in log and PASSWORD not in log  # ...without saying the secret
+    assert not os.path.exists(daemon.socket_path)
 
 
 def test_password_in_the_url_is_masked_in_the_log(auth_redis: AuthRedis) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from support import REPO, Daemon, RedisServer, rpc_call, short_tmpdir, wait_for
+from support import REPO, Daemon, DaemonFactory, RedisServer, rpc_call, short_tmpdir, wait_for
 
 from statefuld import errors, systemd
 from statefuld.config import Config
@@ -365,49 +365,47 @@ def redis_for_systemd() -> Iterator[RedisServer]:
         server.cleanup()
 
 
-def test_ready_watchdog_and_stopping(redis_for_systemd: RedisServer, notify_socket: tuple[socket.socket, str]) -> None:
+def test_ready_watchdog_and_stopping(redis_for_systemd: RedisServer, notify_socket: tuple[socket.socket, str],
+                                     tmp_daemon: DaemonFactory) -> None:
     sock, path = notify_socket
-    daemon = Daemon(redis_for_systemd.url, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
-    try:
-        daemon.start(wait=False)
-        assert daemon.proc is not None
-        deadline = time.monotonic() + 15
-        ready = None
-        while ready is None:
-            assert time.monotonic() < deadline, f"no READY=1 within 15 s:\n{daemon.log()}"
-            message = receive(sock, 0.5)
-            if message is not None and "READY=1" in message[0]:
-                ready = message
-            assert daemon.proc.poll() is None, daemon.log()
-        # READY=1 means "serving": the very next connection is answered and Redis is usable.
-        assert rpc_call(daemon.socket_path, "ping", [], timeout_s=2) == (None, "PONG")
-        error, health = rpc_call(daemon.socket_path, "health", [], timeout_s=2)
-        assert error is None and health["ready"] is True
-        assert ready[1] == daemon.proc.pid  # NotifyAccess=main would drop it from any other process
+    daemon = tmp_daemon(redis_for_systemd.url, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+    daemon.start(wait=False)
+    assert daemon.proc is not None
+    deadline = time.monotonic() + 15
+    ready = None
+    while ready is None:
+        assert time.monotonic() < deadline, f"no READY=1 within 15 s:\n{daemon.log()}"
+        message = receive(sock, 0.5)
+        if message is not None and "READY=1" in message[0]:
+            ready = message
+        assert daemon.proc.poll() is None, daemon.log()
+    # READY=1 means "serving": the very next connection is answered and Redis is usable.
+    assert rpc_call(daemon.socket_path, "ping", [], timeout_s=2) == (None, "PONG")
+    error, health = rpc_call(daemon.socket_path, "health", [], timeout_s=2)
+    assert error is None and health["ready"] is True
+    assert ready[1] == daemon.proc.pid  # NotifyAccess=main would drop it from any other process
 
-        # WatchdogSec=200ms: a WATCHDOG=1 at least every 100 ms or so, from the main pid.
-        watchdog_times = []
-        started = time.monotonic()
-        while time.monotonic() - started < 1.0:
-            message = receive(sock, 0.5)
-            if message is not None and "WATCHDOG=1" in message[0]:
-                assert message[1] == daemon.proc.pid
-                watchdog_times.append(time.monotonic())
-        assert len(watchdog_times) >= 5, watchdog_times
-        gaps = [b - a for a, b in itertools.pairwise(watchdog_times)]
-        assert max(gaps) < 0.2, gaps  # never as late as the watchdog timeout itself
+    # WatchdogSec=200ms: a WATCHDOG=1 at least every 100 ms or so, from the main pid.
+    watchdog_times = []
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:
+        message = receive(sock, 0.5)
+        if message is not None and "WATCHDOG=1" in message[0]:
+            assert message[1] == daemon.proc.pid
+            watchdog_times.append(time.monotonic())
+    assert len(watchdog_times) >= 5, watchdog_times
+    gaps = [b - a for a, b in itertools.pairwise(watchdog_times)]
+    assert max(gaps) < 0.2, gaps  # never as late as the watchdog timeout itself
 
-        daemon.signal(signal.SIGTERM)
-        stopping = None
-        while stopping is None:
-            message = receive(sock, 5)
-            assert message is not None, f"no STOPPING=1 after SIGTERM:\n{daemon.log()}"
-            if "STOPPING=1" in message[0]:
-                stopping = message
-        assert stopping[1] == daemon.proc.pid
-        assert daemon.wait(15) == 0
-    finally:
-        daemon.cleanup()
+    daemon.signal(signal.SIGTERM)
+    stopping = None
+    while stopping is None:
+        message = receive(sock, 5)
+        assert message is not None, f"no STOPPING=1 after SIGTERM:\n{daemon.log()}"
+        if "STOPPING=1" in message[0]:
+            stopping = message
+    assert stopping[1] == daemon.proc.pid
+    assert daemon.wait(15) == 0
 
 
 def test_socket_activation(redis_for_systemd: RedisServer) -> None:
@@ -474,20 +472,18 @@ def mdwe_supported() -> bool:
 
 
 @pytest.mark.skipif(not mdwe_supported(), reason="kernel without PR_SET_MDWE (Linux < 6.3)")
-def test_daemon_runs_with_umask_0077_and_no_write_execute_memory(redis_for_systemd: RedisServer) -> None:
-    daemon = Daemon(redis_for_systemd.url)
+def test_daemon_runs_with_umask_0077_and_no_write_execute_memory(redis_for_systemd: RedisServer,
+                                                                 tmp_daemon: DaemonFactory) -> None:
+    daemon = tmp_daemon(redis_for_systemd.url)
     daemon.command = lambda: [sys.executable, "-c", _SANDBOX, *Daemon.command(daemon)]  # type: ignore[method-assign]
-    try:
-        daemon.start()
-        assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
-        # The configured socket mode, not what UMask=0077 would leave: group members can connect.
-        assert stat.S_IMODE(os.stat(daemon.socket_path).st_mode) == Config(socket_path="/unused").socket_mode
-        assert daemon.proc is not None
-        status = Path(f"/proc/{daemon.proc.pid}/status").read_text()
-        assert re.search(r"(?m)^Umask:\s+0077$", status), status
-        assert daemon.stop() == 0, daemon.log()
-    finally:
-        daemon.cleanup()
+    daemon.start()
+    assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
+    # The configured socket mode, not what UMask=0077 would leave: group members can connect.
+    assert stat.S_IMODE(os.stat(daemon.socket_path).st_mode) == Config(socket_path="/unused").socket_mode
+    assert daemon.proc is not None
+    status = Path(f"/proc/{daemon.proc.pid}/status").read_text()
+    assert re.search(r"(?m)^Umask:\s+0077$", status), status
+    assert daemon.stop() == 0, daemon.log()
 
 
 _PROC_SUBSET = 'mount -t proc -o subset=pid,hidepid=invisible proc /proc && exec "$@"'
@@ -503,22 +499,19 @@ def unshare_works() -> bool:
 
 
 @pytest.mark.skipif(not unshare_works(), reason="needs root and unshare(1) to mount a private /proc")
-def test_daemon_and_embedded_redis_run_with_proc_subset_pid() -> None:
+def test_daemon_and_embedded_redis_run_with_proc_subset_pid(tmp_daemon: DaemonFactory) -> None:
     # ProtectProc=invisible and ProcSubset=pid: a /proc with only process directories, others' hidden.
     directory = short_tmpdir("sfp-")
-    daemon = Daemon(None, dir=directory, args=["--data-dir", os.path.join(directory, "data")])
+    daemon = tmp_daemon(None, dir=directory, args=["--data-dir", os.path.join(directory, "data")])
     inner = Daemon.command(daemon)
     daemon.command = lambda: [  # type: ignore[method-assign]
         "unshare", "--mount", "--pid", "--fork", "--kill-child", "sh", "-c", _PROC_SUBSET, "sh", *inner]
-    try:
-        daemon.start()
-        assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
-        assert daemon.proc is not None
-        (main_pid,) = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text().split()
-        os.kill(int(main_pid), signal.SIGTERM)
-        assert daemon.wait(20) == 0, daemon.log()
-    finally:
-        daemon.cleanup()
+    daemon.start()
+    assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")
+    assert daemon.proc is not None
+    (main_pid,) = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text().split()
+    os.kill(int(main_pid), signal.SIGTERM)
+    assert daemon.wait(20) == 0, daemon.log()
 
 
 def test_default_socket_is_the_units_socket(monkeypatch: pytest.MonkeyPatch) -> None:

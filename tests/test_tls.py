@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import Daemon, RedisServer, free_port, rpc_call, running, short_tmpdir
+from support import Daemon, DaemonFactory, RedisServer, free_port, rpc_call, running, short_tmpdir
 
 EXIT_REDIS_UNAVAILABLE = 69
 EXIT_CONFIG = 78
@@ -98,34 +98,25 @@ def test_tls_with_the_servers_ca(certs: Path) -> None:
             assert "tls_files_ignored" not in daemon.log()  # the warning is for plain URLs only
 
 
-def test_a_server_certificate_from_another_ca_is_refused(certs: Path) -> None:
+def test_a_server_certificate_from_another_ca_is_refused(certs: Path, tmp_daemon: DaemonFactory) -> None:
     with running(tls_redis(certs)) as server:
-        daemon = Daemon(tls_url(server), args=["--redis-tls-ca-file", str(certs / "other-ca.crt")])
-        try:
-            log = fails_to_start(daemon)
-            assert "certificate verify failed" in log
-        finally:
-            daemon.cleanup()
+        daemon = tmp_daemon(tls_url(server), args=["--redis-tls-ca-file", str(certs / "other-ca.crt")])
+        log = fails_to_start(daemon)
+        assert "certificate verify failed" in log
 
 
-def test_a_server_certificate_for_another_host_is_refused(certs: Path) -> None:
+def test_a_server_certificate_for_another_host_is_refused(certs: Path, tmp_daemon: DaemonFactory) -> None:
     with running(tls_redis(certs, server_cert="wrong-host")) as server:
-        daemon = Daemon(tls_url(server), args=["--redis-tls-ca-file", str(certs / "ca.crt")])
-        try:
-            log = fails_to_start(daemon)
-            assert "certificate is not valid for '127.0.0.1'" in log
-        finally:
-            daemon.cleanup()
+        daemon = tmp_daemon(tls_url(server), args=["--redis-tls-ca-file", str(certs / "ca.crt")])
+        log = fails_to_start(daemon)
+        assert "certificate is not valid for '127.0.0.1'" in log
 
 
-def test_client_certificate_when_redis_demands_one(certs: Path) -> None:
+def test_client_certificate_when_redis_demands_one(certs: Path, tmp_daemon: DaemonFactory) -> None:
     ca = ["--redis-tls-ca-file", str(certs / "ca.crt")]
     with running(tls_redis(certs, auth_clients=True)) as server:
-        without = Daemon(tls_url(server), args=list(ca))
-        try:
-            assert "certificate required" in fails_to_start(without)
-        finally:
-            without.cleanup()
+        without = tmp_daemon(tls_url(server), args=list(ca))
+        assert "certificate required" in fails_to_start(without)
         daemon = Daemon(tls_url(server), args=[
             *ca, "--redis-tls-cert-file", str(certs / "client.crt"), "--redis-tls-key-file", str(certs / "client.key"),
         ])
@@ -149,20 +140,18 @@ def client_tls_args(certs: Path, **replace: str) -> list[str]:
     ({"key": "server.key"}, "cannot use --redis-tls-cert-file {certs}/client.crt with --redis-tls-key-file "
                             "{certs}/server.key: [X509: KEY_VALUES_MISMATCH]"),
 ])
-def test_an_unusable_tls_file_is_a_configuration_error(certs: Path, replace: dict[str, str], expected: str) -> None:
+def test_an_unusable_tls_file_is_a_configuration_error(certs: Path, replace: dict[str, str], expected: str,
+                                                       tmp_daemon: DaemonFactory) -> None:
     # Before: redis-py's FileNotFoundError/SSLError escaped start-up as exit 70 with a traceback,
     # which systemd restarts forever. No Redis is needed: the files are checked before connecting.
-    daemon = Daemon(f"rediss://:{PASSWORD}@127.0.0.1:{free_port()}",
+    daemon = tmp_daemon(f"rediss://:{PASSWORD}@127.0.0.1:{free_port()}",
                     args=[*client_tls_args(certs, **replace), "--startup-timeout-s", "0.5"])
-    try:
-        daemon.start(wait=False)
-        assert daemon.wait(15) == EXIT_CONFIG, daemon.log()
-        log = daemon.log()
-        assert f"statefuld cannot start: {expected.format(certs=certs)}" in log
-        assert "Traceback" not in log and PASSWORD not in log
-        assert not os.path.exists(daemon.socket_path)
-    finally:
-        daemon.cleanup()
+    daemon.start(wait=False)
+    assert daemon.wait(15) == EXIT_CONFIG, daemon.log()
+    log = daemon.log()
+    assert f"statefuld cannot start: {expected.format(certs=certs)}" in log
+    assert "Traceback" not in log and PASSWORD not in log
+    assert not os.path.exists(daemon.socket_path)
 
 
 def test_tls_files_with_a_plain_url_are_warned_about(certs: Path) -> None:

@@ -6,13 +6,12 @@ a rejected call sends nothing at all (no key, and no command counted by Redis).
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import msgpack
 import pytest
 import redis
-from support import Daemon, ExecutorRun, RedisServer, run_async, running
+from support import DaemonFactory, ExecutorRun, RawClient, RedisServer, run_async, running
 
 from statefuld.config import Config
 from statefuld.errors import InvalidArgument, UnknownMethod
@@ -279,26 +278,16 @@ def _wire_cases() -> list[tuple[bytes, str]]:
 
 
 def test_over_the_wire_every_bad_value_is_refused_and_redis_untouched(redis_server: RedisServer,
-                                                                      redis_db: redis.Redis) -> None:
-    # The daemon's own path (the hot methods have theirs), with this module's list bound.
-    daemon = Daemon(redis_server.url, args=["--max-list-items", str(CONFIG.max_list_items)]).start()
-    try:
-        cases = _wire_cases()
-        before = command_counts(redis_db)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(daemon.socket_path)
-            s.sendall(b"".join(request for request, _ in cases))
-            unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-            replies: dict[int, Any] = {}
-            while len(replies) < len(cases):
-                data = s.recv(1 << 16)
-                assert data, "the daemon closed the connection"
-                unpacker.feed(data)
-                replies.update((message[1], message[2]) for message in unpacker)
-        after = command_counts(redis_db)
-    finally:
-        daemon.cleanup()
+                                                                      redis_db: redis.Redis,
+                                                                      tmp_daemon: DaemonFactory) -> None:
+    # Through the daemon, with this module's list bound.
+    daemon = tmp_daemon(redis_server.url, args=["--max-list-items", str(CONFIG.max_list_items)]).start()
+    cases = _wire_cases()
+    before = command_counts(redis_db)
+    with RawClient(daemon.socket_path, timeout_s=10) as client:
+        client.send_bytes(b"".join(request for request, _ in cases))
+        replies = {msgid: error for msgid, (error, _) in client.replies(len(cases)).items()}
+    after = command_counts(redis_db)
     for request, param in cases:
         msgid = msgpack.unpackb(request, unicode_errors="surrogateescape")[1]
         error = replies[msgid]

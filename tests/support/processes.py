@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,6 +220,10 @@ class Daemon:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# The tmp_daemon fixture (tests/conftest.py): Daemon's arguments in, a Daemon stopped after the test.
+DaemonFactory = Callable[..., Daemon]
 
 
 @contextlib.contextmanager
