@@ -14,24 +14,8 @@ from collections import deque
 from types import TracebackType
 from typing import Any, cast
 
+from statefuld_client import _core as core
 from statefuld_client._async_api import AsyncAPI
-from statefuld_client._core import (
-    DEFAULT_TIMEOUT_S,
-    MSGID_MASK,
-    Attempts,
-    Decoder,
-    Encoder,
-    Lost,
-    MsgIds,
-    NotSent,
-    checked_timeout,
-    closed_error,
-    connect_error,
-    reset_after_fork,
-    timed_out,
-    timed_out_connecting,
-    unwrap,
-)
 from statefuld_client._paths import default_socket_path
 from statefuld_client.errors import ProtocolError, StatefuldError
 
@@ -52,7 +36,7 @@ def _older(reference: int, a: int, b: int) -> bool:
     msgids grow by one per call and wrap at 2**32, so their distance back from the newest one
     orders them (calls waiting on one connection span far fewer than 2**31 msgids).
     """
-    return (reference - a) & MSGID_MASK > (reference - b) & MSGID_MASK
+    return (reference - a) & core.MSGID_MASK > (reference - b) & core.MSGID_MASK
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
@@ -86,7 +70,7 @@ class _Connection(asyncio.Protocol):
         self._sweep: asyncio.TimerHandle | None = None
         self.lost = False
         self.closed: asyncio.Future[None] = loop.create_future()
-        self._decoder = Decoder()
+        self._decoder = core.Decoder()
         self._queue: list[bytes] = []
         self._first_queued = -1  # msgid of the first call in _queue; later calls follow it
         self._drained: asyncio.Future[None] | None = None
@@ -116,15 +100,15 @@ class _Connection(asyncio.Protocol):
         # Calls sent from the first still queued on are unsent: they may be tried again. Only
         # notifications queued (the first slot is still the next msgid): every call went out.
         first_unsent = self._first_queued if self._queue else None
-        if first_unsent == (self.newest + 1) & MSGID_MASK:
+        if first_unsent == (self.newest + 1) & core.MSGID_MASK:
             first_unsent = None
         self._queue.clear()
         for msgid, future in self.pending.items():
             if not future.done():
                 if first_unsent is not None and not _older(self.newest, msgid, first_unsent):
-                    future.set_exception(NotSent())
+                    future.set_exception(core.NotSent())
                 else:
-                    lost = Lost()
+                    lost = core.Lost()
                     lost.__cause__ = exc
                     future.set_exception(lost)
         self.pending.clear()
@@ -192,10 +176,10 @@ class _Connection(asyncio.Protocol):
     def send(self, payload: bytes, msgid: int) -> None:
         """Queue a request, or a notification (msgid -1), for this turn's one write."""
         if self.lost:
-            raise NotSent
+            raise core.NotSent
         if not self._queue:
             # A notification first: the first call queued after it will be the next msgid.
-            self._first_queued = msgid if msgid >= 0 else (self.newest + 1) & MSGID_MASK
+            self._first_queued = msgid if msgid >= 0 else (self.newest + 1) & core.MSGID_MASK
             self.loop.call_soon(self._flush)
         self._queue.append(payload)
 
@@ -254,18 +238,18 @@ class AsyncClient(AsyncAPI):
     """
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = core.DEFAULT_TIMEOUT_S) -> None:
         self.socket_path: str = os.fspath(socket_path) if socket_path is not None else default_socket_path()
-        self.timeout_s = checked_timeout(timeout_s)
+        self.timeout_s = core.checked_timeout(timeout_s)
         self._conn: _Connection | None = None
         self._connect_lock: asyncio.Lock | None = None
         self._connect_lock_loop: asyncio.AbstractEventLoop | None = None
-        self._encoder = Encoder()
-        self._msgids = MsgIds()
+        self._encoder = core.Encoder()
+        self._msgids = core.MsgIds()
         self._closed = False
         # Registered now, not once connected: a fork in the middle of the first connect (run by
         # another thread's loop) must still leave the child nothing of the parent's.
-        reset_after_fork(self)
+        core.reset_after_fork(self)
 
     def __repr__(self) -> str:
         conn = self._conn
@@ -274,7 +258,7 @@ class AsyncClient(AsyncAPI):
 
     async def __aenter__(self) -> AsyncClient:
         if self._closed:
-            raise closed_error()
+            raise core.closed_error()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -299,7 +283,7 @@ class AsyncClient(AsyncAPI):
             return
         for future in conn.pending.values():
             if not future.done():
-                future.set_exception(Lost())  # the call sees the client closed: Attempts.failed says so
+                future.set_exception(core.Lost())  # the call sees the client closed: core.Attempts.failed says so
         conn.pending.clear()
         conn._flush()
         conn.transport.close()
@@ -312,7 +296,7 @@ class AsyncClient(AsyncAPI):
 
     async def _call(self, method: str, params: list[Any], timeout_s: float | None, is_read: bool) -> Any:
         loop = asyncio.get_running_loop()
-        attempts = Attempts(method, is_read, self.socket_path)
+        attempts = core.Attempts(method, is_read, self.socket_path)
         # A call with the client's default timeout has no timer of its own: the connection's sweep
         # expires it (see _Connection). Its deadline is known only once it is sent, or resent.
         deadline = None if timeout_s is None else loop.time() + timeout_s
@@ -333,10 +317,10 @@ class AsyncClient(AsyncAPI):
                 timer = loop.call_at(deadline, _expire, future)
             try:
                 conn.send(self._encoder.request(msgid, method, params), msgid)
-                return unwrap(await future)
+                return core.unwrap(await future)
             except _Expired:
-                raise timed_out(method, self.timeout_s if timeout_s is None else timeout_s) from None
-            except (NotSent, Lost) as exc:
+                raise core.timed_out(method, self.timeout_s if timeout_s is None else timeout_s) from None
+            except (core.NotSent, core.Lost) as exc:
                 attempts.failed(exc, self._closed)
                 if deadline is None:  # a retry keeps the first attempt's deadline
                     deadline = conn.sent_at_or_after(msgid) + self.timeout_s
@@ -351,13 +335,13 @@ class AsyncClient(AsyncAPI):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
         payload = self._encoder.notification(method, params)
-        attempts = Attempts(method, False, self.socket_path)
+        attempts = core.Attempts(method, False, self.socket_path)
         while True:
             conn = await self._ready_connection(loop, method, deadline)
             try:
                 conn.send(payload, -1)
                 return
-            except NotSent as exc:
+            except core.NotSent as exc:
                 attempts.failed(exc, self._closed)
 
     # -- internals --------------------------------------------------------------------------------------
@@ -366,7 +350,7 @@ class AsyncClient(AsyncAPI):
                                 deadline: float | None) -> _Connection:
         """A live connection with room in its write buffer; connects if there is none."""
         if self._closed:
-            raise closed_error()
+            raise core.closed_error()
         if deadline is None:
             deadline = loop.time() + self.timeout_s
         while True:
@@ -385,7 +369,7 @@ class AsyncClient(AsyncAPI):
         except TimeoutError as exc:
             if isinstance(exc, StatefuldError):
                 raise
-            raise timed_out_connecting(method) from exc
+            raise core.timed_out_connecting(method) from exc
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, method: str, deadline: float) -> _Connection:
         if self._connect_lock is None or self._connect_lock_loop is not loop:
@@ -402,7 +386,7 @@ class AsyncClient(AsyncAPI):
             if conn is not None and not conn.lost and conn.loop is loop:
                 return conn
             if self._closed:
-                raise closed_error()
+                raise core.closed_error()
             if conn is not None and not conn.lost:
                 if not conn.loop.is_closed():
                     raise StatefuldError("this AsyncClient is in use by another event loop; make one client per loop")
@@ -418,13 +402,13 @@ class AsyncClient(AsyncAPI):
             _, conn = await loop.create_unix_connection(lambda: _Connection(loop, sock, self._msgids.last), sock=sock)
         except OSError as exc:
             sock.close()
-            raise connect_error(path, exc) from exc
+            raise core.connect_error(path, exc) from exc
         except BaseException:  # cancelled, or the deadline passed
             sock.close()
             raise
         if self._closed:  # aclose() ran while we connected
-            conn.fail(closed_error())
-            raise closed_error()
+            conn.fail(core.closed_error())
+            raise core.closed_error()
         self._conn = conn
         return conn
 

@@ -15,23 +15,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from statefuld_client._core import (
-    DEFAULT_TIMEOUT_S,
-    RECV_SIZE,
-    Attempts,
-    Decoder,
-    Encoder,
-    Lost,
-    MsgIds,
-    NotSent,
-    checked_timeout,
-    closed_error,
-    connect_error,
-    reset_after_fork,
-    timed_out,
-    timed_out_connecting,
-    unwrap,
-)
+from statefuld_client import _core as core
 from statefuld_client._paths import default_socket_path
 from statefuld_client._sync_api import SyncAPI
 from statefuld_client.errors import ClientTimeoutError, ProtocolError, StatefuldError
@@ -65,23 +49,23 @@ class Client(SyncAPI):
     """
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = core.DEFAULT_TIMEOUT_S) -> None:
         self.socket_path: str = os.fspath(socket_path) if socket_path is not None else default_socket_path()
-        self.timeout_s = checked_timeout(timeout_s)
+        self.timeout_s = core.checked_timeout(timeout_s)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         # The socket is in blocking mode, bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO): a call
         # is one send() and one recv(), no poll() before each. The bound last set, in seconds:
         self._io_timeout_s = -1.0
-        self._encoder = Encoder()
-        self._decoder = Decoder()
-        self._buffer = bytearray(RECV_SIZE)
+        self._encoder = core.Encoder()
+        self._decoder = core.Decoder()
+        self._buffer = bytearray(core.RECV_SIZE)
         self._view = memoryview(self._buffer)
-        self._msgids = MsgIds()
+        self._msgids = core.MsgIds()
         self._closed = False
         # Registered now, not at the first connect: a fork while another thread holds the lock
         # during that connect must still hand the child a free lock.
-        reset_after_fork(self)
+        core.reset_after_fork(self)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected" if self._sock is not None else "idle"
@@ -89,7 +73,7 @@ class Client(SyncAPI):
 
     def __enter__(self) -> Client:
         if self._closed:
-            raise closed_error()
+            raise core.closed_error()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -124,14 +108,14 @@ class Client(SyncAPI):
         if self._closed or not self._lock.acquire(False):  # uncontended: no timed wait
             self._acquire(method, deadline)
         try:
-            attempts = Attempts(method, is_read, self.socket_path)
+            attempts = core.Attempts(method, is_read, self.socket_path)
             while True:
                 sock = self._sock or self._connect(method, deadline)
                 msgid = self._msgids.next()
                 try:
                     self._send(sock, self._encoder.request(msgid, method, params), method, deadline)
-                    return unwrap(self._receive(sock, msgid, method, timeout_s, deadline))
-                except (NotSent, Lost) as exc:
+                    return core.unwrap(self._receive(sock, msgid, method, timeout_s, deadline))
+                except (core.NotSent, core.Lost) as exc:
                     self._drop()
                     attempts.failed(exc, self._closed)
         finally:
@@ -142,13 +126,13 @@ class Client(SyncAPI):
         self._acquire(method, deadline)
         try:
             payload = self._encoder.notification(method, params)
-            attempts = Attempts(method, False, self.socket_path)
+            attempts = core.Attempts(method, False, self.socket_path)
             while True:
                 sock = self._sock or self._connect(method, deadline)
                 try:
                     self._send(sock, payload, method, deadline)
                     return
-                except NotSent as exc:
+                except core.NotSent as exc:
                     self._drop()
                     attempts.failed(exc, self._closed)
         finally:
@@ -158,13 +142,13 @@ class Client(SyncAPI):
 
     def _acquire(self, method: str, deadline: float) -> None:
         if self._closed:
-            raise closed_error()
+            raise core.closed_error()
         if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
             raise ClientTimeoutError(f"{method}: timed out waiting for the connection, busy with other threads' calls")
 
     def _connect(self, method: str, deadline: float) -> socket.socket:
         if self._closed:
-            raise closed_error()
+            raise core.closed_error()
         path = self.socket_path
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)  # a full backlog gives EAGAIN at once; retried below up to the deadline
@@ -176,18 +160,18 @@ class Client(SyncAPI):
                 except BlockingIOError:
                     remaining_s = deadline - time.monotonic()
                     if remaining_s <= 0:
-                        raise timed_out_connecting(method) from None
+                        raise core.timed_out_connecting(method) from None
                     time.sleep(min(_CONNECT_RETRY_S, remaining_s))
         except StatefuldError:
             sock.close()
             raise
         except OSError as exc:
             sock.close()
-            raise connect_error(path, exc) from exc
+            raise core.connect_error(path, exc) from exc
         sock.setblocking(True)
         self._sock = sock
         self._io_timeout_s = -1.0
-        self._decoder = Decoder()
+        self._decoder = core.Decoder()
         return sock
 
     def _drop(self) -> None:
@@ -227,13 +211,13 @@ class Client(SyncAPI):
                 except BlockingIOError:  # SO_SNDTIMEO passed: the daemon is not reading
                     sent = -1 if sent == 0 else -sent - 1
                 except OSError as exc:
-                    raise NotSent from exc  # the daemon never runs half a message
+                    raise core.NotSent from exc  # the daemon never runs half a message
             if sent == len(payload):
                 return
             if sent < 0:
                 if sent < -1:
                     self._drop()  # half a request on the wire: the stream is unusable
-                raise timed_out_connecting(method)
+                raise core.timed_out_connecting(method)
             view = memoryview(payload)  # a partial send: the socket buffer is full
 
     def _receive(self, sock: socket.socket, msgid: int, method: str, timeout_s: float,
@@ -248,11 +232,11 @@ class Client(SyncAPI):
                 n = sock.recv_into(self._buffer)
             except BlockingIOError:  # SO_RCVTIMEO passed
                 # The connection stays: this call's late reply will be skipped by msgid.
-                raise timed_out(method, timeout_s) from None
+                raise core.timed_out(method, timeout_s) from None
             except OSError as exc:
-                raise Lost from exc
+                raise core.Lost from exc
             if n == 0:
-                raise Lost
+                raise core.Lost
             decoder.feed(self._view[:n])
             while True:
                 try:

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -247,54 +247,62 @@ def stats_table(snap: dict[str, Any], previous: dict[str, Any] | None = None, in
     """The `statefuld stats` table. With a previous snapshot: rates, quantiles and errors over the
     interval between the two; else averages since the daemon started."""
     uptime_s = max(float(snap.get("uptime_s", 0.0)), 1e-9)
-    redis = snap.get("redis", {})
-    lines = [
-        f"statefuld {snap.get('version', '?')}  up {_duration(uptime_s)}  "
-        f"redis {'up' if redis.get('up') else 'DOWN'}  connections {snap.get('connections', 0)}  "
-        f"in flight {snap.get('in_flight', 0)}",
-    ]
-    counters = snap.get("counters", {})
-    writes = int(redis.get("writes", 0))
-    commands = int(redis.get("commands", 0))
-    if previous is not None:
-        prev_redis = previous.get("redis", {})
-        writes -= int(prev_redis.get("writes", 0))
-        commands -= int(prev_redis.get("commands", 0))
-    batch = f"{commands / writes:.1f}" if writes > 0 else "-"
-    lines.append(
-        f"shed {counters.get('overloaded', 0)}  timeouts {counters.get('timeouts', 0)}  "
-        f"failed notifications {counters.get('notification_failures', 0)}  "
-        f"script reloads {redis.get('script_reloads', 0)}  redis commands/write {batch}"
-    )
+    if previous is None:
+        since, seconds, span = None, uptime_s, "since start"
+    else:
+        since, seconds = previous.get("methods", {}), interval_s or 0.0
+        span = "last " + _duration(interval_s) if interval_s else "since start"
     bounds_s = [b / 1000 for b in snap.get("latency_bounds_ms", [b * 1000 for b in BOUNDS_S])]
-    span = "last " + _duration(interval_s) if previous is not None and interval_s else "since start"
     rows = [("METHOD", "COUNT", f"RATE/S ({span})", "P50", "P99", "ERRORS")]
-    prev_methods = previous.get("methods", {}) if previous is not None else {}
     for name, m in sorted(snap.get("methods", {}).items()):
-        count = int(m["count"])
-        buckets = list(m["latency_buckets"])
-        errors = dict(m["errors"])
-        if previous is not None:
-            before = prev_methods.get(name, {"count": 0, "latency_buckets": [0] * len(buckets), "errors": {}})
-            count -= int(before["count"])
-            buckets = [a - b for a, b in zip(buckets, before["latency_buckets"], strict=True)]
-            errors = {code: n - int(before["errors"].get(code, 0)) for code, n in errors.items()}
-            errors = {code: n for code, n in errors.items() if n}
-            rate = count / interval_s if interval_s else 0.0
-        else:
-            rate = count / uptime_s
+        count, buckets, errors = _method_since(m, None if since is None else since.get(name, {}))
         rows.append((
-            name, str(count), f"{rate:.1f}",
+            name, str(count), f"{count / seconds if seconds else 0.0:.1f}",
             _ms(quantile_ms(buckets, 0.50, bounds_s)), _ms(quantile_ms(buckets, 0.99, bounds_s)),
             ", ".join(f"{code} {n}" for code, n in sorted(errors.items())) or "0",
         ))
     if len(rows) == 1:
         rows.append(("(no calls yet)", "", "", "", "", ""))
+    return "\n".join(_stats_header(snap, previous, uptime_s) + _aligned(rows))
+
+
+def _aligned(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    """The first column left-aligned, the numbers right-aligned, the last column as it is."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
     for row in rows:
-        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:5], widths[1:5], strict=True)]
-        lines.append("  ".join([*cells, row[5]]).rstrip())
-    return "\n".join(lines)
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:-1], widths[1:-1], strict=True)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return lines
+
+
+def _stats_header(snap: dict[str, Any], previous: dict[str, Any] | None, uptime_s: float) -> list[str]:
+    redis = snap.get("redis", {})
+    counters = snap.get("counters", {})
+    writes = int(redis.get("writes", 0))
+    commands = int(redis.get("commands", 0))
+    if previous is not None:
+        writes -= int(previous.get("redis", {}).get("writes", 0))
+        commands -= int(previous.get("redis", {}).get("commands", 0))
+    batch = f"{commands / writes:.1f}" if writes > 0 else "-"
+    return [
+        f"statefuld {snap.get('version', '?')}  up {_duration(uptime_s)}  "
+        f"redis {'up' if redis.get('up') else 'DOWN'}  connections {snap.get('connections', 0)}  "
+        f"in flight {snap.get('in_flight', 0)}",
+        f"shed {counters.get('overloaded', 0)}  timeouts {counters.get('timeouts', 0)}  "
+        f"failed notifications {counters.get('notification_failures', 0)}  "
+        f"script reloads {redis.get('script_reloads', 0)}  redis commands/write {batch}",
+    ]
+
+
+def _method_since(m: dict[str, Any], before: dict[str, Any] | None) -> tuple[int, list[int], dict[str, int]]:
+    """One method's count, latency buckets and errors; with ``before``, only what came since it."""
+    count, buckets, errors = int(m["count"]), list(m["latency_buckets"]), dict(m["errors"])
+    if before is None:
+        return count, buckets, errors
+    buckets = [a - b for a, b in zip(buckets, before.get("latency_buckets", [0] * len(buckets)), strict=True)]
+    errors = {code: n - int(before.get("errors", {}).get(code, 0)) for code, n in errors.items()}
+    return count - int(before.get("count", 0)), buckets, {code: n for code, n in errors.items() if n}
 
 
 def _ms(value: float | None) -> str:

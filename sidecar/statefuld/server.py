@@ -400,7 +400,10 @@ def _check_redis_tls(config: Config) -> None:
                 pass
         except OSError as exc:
             raise StartupError(f"cannot read {option} {path}: {exc.strerror}", EXIT_CONFIG) from exc
-    cert, key, ca = config.redis_tls_cert_file, config.redis_tls_key_file, config.redis_tls_ca_file
+    _check_tls_usable(config.redis_tls_cert_file, config.redis_tls_key_file, config.redis_tls_ca_file)
+
+
+def _check_tls_usable(cert: str | None, key: str | None, ca: str | None) -> None:
     if key and not cert:
         raise StartupError("--redis-tls-key-file needs --redis-tls-cert-file (the certificate of that key)",
                            EXIT_CONFIG)
