@@ -243,8 +243,8 @@ def test_script_flush_in_the_middle_of_a_batch_is_invisible_to_callers(url: str)
         def __init__(self, mux: RedisMux) -> None:
             self.mux = mux
 
-        def execute(self, route_key: str, *args: Any, decode: Any = None) -> Awaitable[Any]:
-            return self.mux.execute(*args, decode=decode)
+        def execute(self, route_key: str, *args: Any, decode: Any = None, recover: Any = None) -> Awaitable[Any]:
+            return self.mux.execute(*args, decode=decode, recover=recover)
 
     async def body(mux: RedisMux) -> None:
         scripts = Scripts(load_scripts())

@@ -77,7 +77,7 @@ class Calls:
             self._sweeping = True
             asyncio.get_running_loop().call_later(_SWEEP_INTERVAL_S, self._sweep)
 
-    def _release(self, call: Call) -> None:
+    def release(self, call: Call) -> None:
         del self.in_flight[call]
         if not self.in_flight and self._drained is not None:
             self._drained.set()
@@ -159,7 +159,12 @@ class Session:
         except Exception as exc:
             call.fail(exc)
             return
-        call.run(pending, read_at)
+        # Running: a future as it is (a one-command method), a coroutine as a Task.
+        future = pending if isinstance(pending, asyncio.Future) else asyncio.ensure_future(pending)
+        call.pending = future
+        call.read_at = read_at
+        calls._admit(call)
+        future.add_done_callback(call._work_done)
 
 
 class Call:
@@ -175,13 +180,6 @@ class Call:
         self.pending: asyncio.Future[Any] | None = None  # the call's work, once started
         self.read_at = 0.0  # when it started running (perf_counter); 0.0: refused before
         self.ended = False
-
-    def run(self, pending: Awaitable[Any], read_at: float) -> None:
-        future = asyncio.ensure_future(pending)  # a future as it is; a coroutine as a Task
-        self.pending = future
-        self.read_at = read_at
-        self.session.calls._admit(self)
-        future.add_done_callback(self._work_done)
 
     def _work_done(self, future: asyncio.Future[Any]) -> None:
         if self.ended:
@@ -217,7 +215,7 @@ class Call:
         calls = self.session.calls
         seconds = None
         if self.pending is not None:
-            calls._release(self)
+            calls.release(self)
             seconds = perf_counter() - self.read_at
             if not self.pending.done():
                 self.pending.cancel(_ENDED)

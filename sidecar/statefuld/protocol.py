@@ -67,7 +67,7 @@ class Connections:
         self.accepted = 0
         self.refused = 0
         self.closed_malformed = 0
-        self.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+        self.packer = msgpack.Packer(use_bin_type=True)
 
     def peer_allowed(self, uid: int, gid: int) -> bool:
         if not self.allow_uids and not self.allow_gids:

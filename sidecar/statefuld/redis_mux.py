@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any, cast
@@ -60,6 +60,9 @@ _UNAVAILABLE_REPLIES = frozenset({"LOADING", "MASTERDOWN", "READONLY", "CLUSTERD
 # A reply's decoder, handed down by the caller of ``execute``: it runs on the raw reply inside the
 # read that brought it, so a plain command needs no coroutine to shape its result.
 Decode = Callable[[Any], Any]
+# An error reply's second chance, handed down likewise: it may answer the command with another
+# awaitable (scripts.py runs a script again after NOSCRIPT), or None to let the error stand.
+Recover = Callable[["ReplyError"], "Awaitable[Any] | None"]
 
 
 class ReplyError(RpcError):
@@ -155,7 +158,7 @@ class _Connection(asyncio.Protocol):
         self._busy_poll_s = busy_poll_s
         self._poll_until = 0.0
         self._reader = hiredis.Reader(replyError=reply_error, notEnoughData=_NOT_ENOUGH_DATA)
-        self._waiting: deque[tuple[asyncio.Future[Any], Decode | None]] = deque()
+        self._waiting: deque[tuple[asyncio.Future[Any], Decode | None, Recover | None]] = deque()
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._transport: asyncio.Transport | None = None
@@ -165,7 +168,8 @@ class _Connection(asyncio.Protocol):
         self.commands = 0
         self.writes = 0
 
-    def send(self, args: tuple[Any, ...], decode: Decode | None) -> asyncio.Future[Any]:
+    def send(self, args: tuple[Any, ...], decode: Decode | None, recover: Recover | None = None
+             ) -> asyncio.Future[Any]:
         # Encode before queueing: an argument of a type RESP cannot carry raises here, in the
         # caller, and never leaves a future without a command behind it.
         data = encode_command(args)
@@ -174,7 +178,7 @@ class _Connection(asyncio.Protocol):
             future.set_exception(Unavailable(self.lost_reason))
             return future
         self._out.append(data)
-        self._waiting.append((future, decode))
+        self._waiting.append((future, decode, recover))
         if not self._flush_scheduled:
             # Runs after every task already scheduled in this turn has had its chance to send.
             self._flush_scheduled = True
@@ -207,15 +211,24 @@ class _Connection(asyncio.Protocol):
         waiting = self._waiting
         try:
             while (reply := reader.gets()) is not _NOT_ENOUGH_DATA:
-                future, decode = waiting.popleft()
+                future, decode, recover = waiting.popleft()
                 if future.done():  # its caller was cancelled: the reply is consumed and dropped
                     continue
                 if isinstance(reply, ReplyError):
-                    future.set_exception(reply)
+                    retry = None if recover is None else recover(reply)
+                    if retry is None:
+                        future.set_exception(reply)
+                    else:
+                        _follow(future, retry)
                 elif decode is None:
                     future.set_result(reply)
                 else:
-                    _decode_into(future, decode, reply)
+                    try:
+                        result = decode(reply)
+                    except Exception as exc:  # the decoder's verdict on what Redis holds (an RpcError), or a bug
+                        future.set_exception(exc)
+                    else:
+                        future.set_result(result)
         except IndexError:
             self._fail("Redis sent a reply nobody asked for; connection dropped")
         except hiredis.ProtocolError as exc:
@@ -234,7 +247,7 @@ class _Connection(asyncio.Protocol):
         self.lost_reason = reason
         self._out.clear()
         while self._waiting:
-            future, _ = self._waiting.popleft()
+            future, _, _ = self._waiting.popleft()
             if not future.done():
                 future.set_exception(Unavailable(reason))
         if not self.closed.done():
@@ -253,13 +266,21 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
-def _decode_into(future: asyncio.Future[Any], decode: Decode, reply: Any) -> None:
-    try:
-        result = decode(reply)
-    except Exception as exc:  # the decoder's verdict on what Redis holds (an RpcError), or a bug
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
+def _follow(future: asyncio.Future[Any], retry: Awaitable[Any]) -> None:
+    """``future`` answers as ``retry`` does, unless its caller gave up on it meanwhile."""
+
+    def settle(done: asyncio.Future[Any]) -> None:
+        exc = None if done.cancelled() else done.exception()  # retrieved either way
+        if future.done():
+            return
+        if done.cancelled():
+            future.cancel()
+        elif exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(done.result())
+
+    asyncio.ensure_future(retry).add_done_callback(settle)
 
 
 class RedisMux:
@@ -282,16 +303,19 @@ class RedisMux:
         self.commands = 0  # totals of closed connections; see stats()
         self.writes = 0
 
-    def execute(self, *args: Any, decode: Decode | None = None) -> asyncio.Future[Any]:
-        """Queue one command for this turn's write; the future answers it (decoded by ``decode``)."""
+    def execute(self, *args: Any, decode: Decode | None = None, recover: Recover | None = None
+                ) -> asyncio.Future[Any]:
+        """Queue one command for this turn's write; the future answers it (decoded by ``decode``;
+        an error reply offered to ``recover`` first)."""
         conn = self._conn
         if conn is not None:
-            return conn.send(args, decode)
-        return asyncio.ensure_future(self._execute_after_connect(args, decode))
+            return conn.send(args, decode, recover)
+        return asyncio.ensure_future(self._execute_after_connect(args, decode, recover))
 
-    async def _execute_after_connect(self, args: tuple[Any, ...], decode: Decode | None) -> Any:
+    async def _execute_after_connect(self, args: tuple[Any, ...], decode: Decode | None,
+                                     recover: Recover | None) -> Any:
         conn = await self._connection()
-        return await conn.send(args, decode)
+        return await conn.send(args, decode, recover)
 
     async def connect(self) -> None:
         """Connect now (start-up); raises ``Unavailable`` if Redis cannot be reached."""

@@ -26,7 +26,8 @@ STATE_MAX_BYTES = 4096
 _NAME_BAD_ASCII = re.compile(r"[\x00-\x20\x7f:{}]")
 _UID_BAD_ASCII = re.compile(r"[\x00-\x1f\x7f{}]")
 
-Check = Callable[[str, Any], Any]
+# A parameter's check: (its name, the value, the daemon's configuration) -> the value, or raises.
+Check = Callable[[str, Any, Config], Any]
 
 
 def _type_name(value: Any) -> str:
@@ -60,7 +61,7 @@ _NAMES_CACHED = 1024
 _names_ok: set[str] = set()
 
 
-def check_name(param: str, value: Any) -> str:
+def check_name(param: str, value: Any, config: Config) -> str:
     """ns and service: 1..128 bytes, no ':' '{' '}', no Unicode whitespace, no control characters."""
     if type(value) is str and value in _names_ok:
         return value
@@ -86,7 +87,7 @@ def _check_name(param: str, value: Any) -> None:
                 )
 
 
-def check_uid(param: str, value: Any) -> str:
+def check_uid(param: str, value: Any, config: Config) -> str:
     """uid: 1..256 bytes, no '{' '}' or control characters (spaces and ':' are fine)."""
     # Most uids: ASCII, where printable is exactly "no control character" and a char is a byte.
     if type(value) is str and value.isascii() and value.isprintable() and 0 < len(value) <= UID_MAX_BYTES \
@@ -105,29 +106,43 @@ def check_uid(param: str, value: Any) -> str:
     return value  # type: ignore[no-any-return]
 
 
-def check_state(param: str, value: Any) -> str:
+def check_state(param: str, value: Any, config: Config) -> str:
     size = _utf8_size(param, value)
     if not 1 <= size <= STATE_MAX_BYTES:
         raise InvalidArgument(f"{param} must be 1..{STATE_MAX_BYTES} bytes of UTF-8, got {size}")
     return value  # type: ignore[no-any-return]
 
 
-def check_pod_id(param: str, value: Any) -> int:
+def check_pod_id(param: str, value: Any, config: Config) -> int:
     if type(value) is not int or not 0 <= value <= MAX_INT32:  # type() so that a bool is refused
         raise InvalidArgument(f"{param} must be an integer in 0..{MAX_INT32}, got {_shown(value)}")
     return value
 
 
-def check_persist_seconds(param: str, value: Any) -> int:
+def check_persist_seconds(param: str, value: Any, config: Config) -> int:
     if type(value) is not int or not (value == -1 or 1 <= value <= MAX_INT32):
         raise InvalidArgument(f"{param} must be -1 (persistent) or 1..{MAX_INT32} seconds, got {_shown(value)}")
     return value
 
 
-def check_load(param: str, value: Any) -> int:
+def check_load(param: str, value: Any, config: Config) -> int:
     if type(value) is not int or not 0 <= value <= MAX_INT32:
         raise InvalidArgument(f"{param} must be an integer in 0..{MAX_INT32}, got {_shown(value)}")
     return value
+
+
+def _list_of(item_check: Check) -> Check:
+    """The check of a list param whose items ``item_check`` checks, at most --max-list-items of them."""
+
+    def check_list(param: str, value: Any, config: Config) -> list[Any]:
+        if type(value) is not list:
+            raise InvalidArgument(f"{param} must be an array, got {_type_name(value)}")
+        max_items = config.max_list_items
+        if len(value) > max_items:
+            raise InvalidArgument(f"{param} holds {len(value)} items; at most {max_items} are allowed")
+        return [item_check(f"{param}[{i}]", item, config) for i, item in enumerate(value)]
+
+    return check_list
 
 
 class Method:
@@ -135,7 +150,7 @@ class Method:
 
     __slots__ = ("checks", "name", "params", "sheddable")
 
-    def __init__(self, name: str, params: tuple[tuple[str, Check | str], ...] = (), *, sheddable: bool = True):
+    def __init__(self, name: str, params: tuple[tuple[str, Check], ...] = (), *, sheddable: bool = True):
         self.name = name
         self.params = tuple(p for p, _ in params)
         self.checks = params
@@ -157,13 +172,13 @@ METHODS: dict[str, Method] = {
         Method("get_service_state", (NS, SERVICE)),
         Method("set_workload_state", (NS, SERVICE, STATE)),
         Method("get_workload_state", (NS, SERVICE)),
-        Method("get_workload_state_batch", (NS, ("services", "list:service"))),
+        Method("get_workload_state_batch", (NS, ("services", _list_of(check_name)))),
         Method("set_linked_pod", (NS, UID, SERVICE, POD_ID, PERSIST)),
         Method("try_set_linked_pod", (NS, UID, SERVICE, POD_ID, PERSIST)),
         Method("set_linked_pod_if_absent", (NS, UID, SERVICE, POD_ID, PERSIST)),
         Method("get_linked_pod", (NS, UID, SERVICE)),
         Method("get_linked_pod_if_persist", (NS, UID, SERVICE)),
-        Method("batch_get_linked_pod", (NS, ("uids", "list:uid"), SERVICE)),
+        Method("batch_get_linked_pod", (NS, ("uids", _list_of(check_uid)), SERVICE)),
         Method("remove_linked_pod", (NS, UID, SERVICE, PERSIST)),
         Method("remove_linked_pod_with_id", (NS, UID, SERVICE, PERSIST, POD_ID)),
         Method("get_link_service", (NS, UID)),
@@ -175,15 +190,6 @@ METHODS: dict[str, Method] = {
 # What calls.py admits even when the daemon sheds load.
 NEVER_SHED = frozenset(name for name, method in METHODS.items() if not method.sheddable)
 
-_LIST_ITEM_CHECKS: dict[str, Check] = {"list:service": check_name, "list:uid": check_uid}
-
-
-def _check_list(param: str, value: Any, item_check: Check, max_items: int) -> list[Any]:
-    if type(value) is not list:
-        raise InvalidArgument(f"{param} must be an array, got {_type_name(value)}")
-    if len(value) > max_items:
-        raise InvalidArgument(f"{param} holds {len(value)} items; at most {max_items} are allowed")
-    return [item_check(f"{param}[{i}]", item) for i, item in enumerate(value)]
 
 
 def validate(name: Any, params: Any, config: Config) -> tuple[Method, list[Any]]:
@@ -200,13 +206,7 @@ def validate(name: Any, params: Any, config: Config) -> tuple[Method, list[Any]]
         raise InvalidArgument(
             f"{method.name} takes {len(checks)} params ({', '.join(method.params) or 'none'}), got {len(params)}"
         )
-    args = []
-    for (param, check), value in zip(checks, params, strict=True):
-        if isinstance(check, str):
-            args.append(_check_list(param, value, _LIST_ITEM_CHECKS[check], config.max_list_items))
-        else:
-            args.append(check(param, value))
-    return method, args
+    return method, [check(param, value, config) for (param, check), value in zip(checks, params, strict=True)]
 
 
 class Dispatcher:

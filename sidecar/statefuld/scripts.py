@@ -7,7 +7,6 @@ run the very same script by the very same SHA.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -15,11 +14,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-from statefuld.redis_mux import Decode, ReplyError
+from statefuld.redis_mux import Decode, Recover, ReplyError
 
 
 class ScriptTransport(Protocol):
-    def execute(self, route_key: str, *args: Any, decode: Decode | None = None) -> Awaitable[Any]: ...
+    def execute(self, route_key: str, *args: Any, decode: Decode | None = None,
+                recover: Recover | None = None) -> Awaitable[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -65,40 +65,18 @@ class Scripts:
         return list(self._scripts.values())
 
     def run(self, transport: ScriptTransport, name: str, keys: Sequence[str], args: Sequence[Any],
-            decode: Decode | None = None) -> asyncio.Future[Any]:
-        """The script's reply, decoded by ``decode``: a future, so that a call of one script needs
-        no coroutine of its own; the retry after NOSCRIPT is chained to the first attempt."""
+            decode: Decode | None = None) -> Awaitable[Any]:
+        """The script's reply, decoded by ``decode``, as the transport's own future: a call of one
+        script needs no coroutine, and the retry after NOSCRIPT takes over that same future."""
         script = self._scripts[name]
-        first = asyncio.ensure_future(
-            transport.execute(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args, decode=decode))
-        answer = first.get_loop().create_future()
 
-        def after_evalsha(done: asyncio.Future[Any]) -> None:
-            exc = None if done.cancelled() else done.exception()
-            if answer.done():  # the caller gave up (deadline, shutdown)
-                return
-            if isinstance(exc, ReplyError) and exc.kind == "NOSCRIPT":
-                self.reloads += 1
-                # EVAL with the source, not SCRIPT LOAD then EVALSHA: a SCRIPT FLUSH between those
-                # two would fail the request; EVAL runs the script and caches it again in one command.
-                retry = asyncio.ensure_future(
-                    transport.execute(keys[0], "EVAL", script.source, len(keys), *keys, *args, decode=decode))
-                retry.add_done_callback(lambda again: _settle(answer, again))
-            else:
-                _settle(answer, done)
+        def recover(error: ReplyError) -> Awaitable[Any] | None:
+            if error.kind != "NOSCRIPT":
+                return None
+            self.reloads += 1
+            # EVAL with the source, not SCRIPT LOAD then EVALSHA: a SCRIPT FLUSH between those two
+            # would fail the request; EVAL runs the script and caches it again in one command.
+            return transport.execute(keys[0], "EVAL", script.source, len(keys), *keys, *args, decode=decode)
 
-        first.add_done_callback(after_evalsha)
-        return answer
-
-
-def _settle(answer: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
-    """``answer`` gets the outcome of ``done``, unless its caller gave up on it already."""
-    exc = None if done.cancelled() else done.exception()  # retrieved either way: never "never retrieved"
-    if answer.done():
-        return
-    if done.cancelled():
-        answer.cancel()
-    elif exc is not None:
-        answer.set_exception(exc)
-    else:
-        answer.set_result(done.result())
+        return transport.execute(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args, decode=decode,
+                                 recover=recover)

@@ -1,9 +1,9 @@
 """How the executor reaches Redis: one server, a Redis Cluster, or the primary Sentinel names.
 
 A ``Transport`` sends one command whose keys all share ``route_key``'s hash slot:
-``execute(route_key, *args, decode=None)``. Every transport keeps ``redis_mux``'s batching: one
-multiplexed connection per node, a turn's commands to that node in one write. What they add is
-knowing which node that is.
+``execute(route_key, *args, decode=None, recover=None)`` (redis_mux says what the two callbacks
+do). Every transport keeps ``redis_mux``'s batching: one multiplexed connection per node, a
+turn's commands to that node in one write. What they add is knowing which node that is.
 
 - ``StandaloneTransport``: one server (or whatever one URL names): every key lives there.
 - ``ClusterTransport``: a slot table (16384 entries -> the primary's ``RedisMux``) read with
@@ -34,7 +34,7 @@ from redis.crc import key_slot
 
 from statefuld.config import Config
 from statefuld.errors import Unavailable
-from statefuld.redis_mux import Decode, Endpoint, RedisMux, ReplyError
+from statefuld.redis_mux import Decode, Endpoint, Recover, RedisMux, ReplyError
 
 log = logging.getLogger("statefuld.topology")
 
@@ -51,7 +51,8 @@ Address = tuple[str, int]
 
 
 class Transport(Protocol):
-    def execute(self, route_key: str, *args: Any, decode: Decode | None = None) -> Awaitable[Any]: ...
+    def execute(self, route_key: str, *args: Any, decode: Decode | None = None,
+                recover: Recover | None = None) -> Awaitable[Any]: ...
     def execute_any(self, *args: Any) -> Awaitable[Any]: ...
     def group_by_node(self, keys: Sequence[str]) -> list[list[int]]: ...
     async def on_every_node(self, *args: Any) -> list[Any]: ...
@@ -158,8 +159,9 @@ class StandaloneTransport:
     def __init__(self, endpoint: Endpoint) -> None:
         self._mux = RedisMux(endpoint)
 
-    def execute(self, route_key: str, *args: Any, decode: Decode | None = None) -> Awaitable[Any]:
-        return self._mux.execute(*args, decode=decode)
+    def execute(self, route_key: str, *args: Any, decode: Decode | None = None,
+                recover: Recover | None = None) -> Awaitable[Any]:
+        return self._mux.execute(*args, decode=decode, recover=recover)
 
     def execute_any(self, *args: Any) -> Awaitable[Any]:
         return self._mux.execute(*args)
@@ -211,17 +213,19 @@ class ClusterTransport:
 
     # --- routing -----------------------------------------------------------------------------
 
-    def execute(self, route_key: str, *args: Any, decode: Decode | None = None) -> Awaitable[Any]:
-        return self._execute(key_slot(route_key.encode()), args, decode)
+    def execute(self, route_key: str, *args: Any, decode: Decode | None = None,
+                recover: Recover | None = None) -> Awaitable[Any]:
+        return self._execute(key_slot(route_key.encode()), args, decode, recover)
 
-    async def _execute(self, slot: int, args: tuple[Any, ...], decode: Decode | None) -> Any:
+    async def _execute(self, slot: int, args: tuple[Any, ...], decode: Decode | None,
+                       recover: Recover | None) -> Any:
         mux = self._slots[slot]
         for _ in range(MAX_REDIRECTS):
             if mux is None:
                 self.request_refresh()
                 raise Unavailable(f"no Redis Cluster primary serves slot {slot} now (failover?)")
             try:
-                return await mux.execute(*args, decode=decode)
+                return await mux.execute(*args, decode=decode, recover=recover)
             except ReplyError as exc:
                 if exc.kind == "MOVED":
                     # The slot has a new owner for good (failover, resharding): route it there now,
@@ -506,11 +510,12 @@ class SentinelTransport:
 
     # --- routing -----------------------------------------------------------------------------
 
-    def execute(self, route_key: str, *args: Any, decode: Decode | None = None) -> Awaitable[Any]:
+    def execute(self, route_key: str, *args: Any, decode: Decode | None = None,
+                recover: Recover | None = None) -> Awaitable[Any]:
         mux = self._mux
         if mux is None:
-            return self._execute_after_resolve(args, decode)
-        reply = mux.execute(*args, decode=decode)
+            return self._execute_after_resolve(args, decode, recover)
+        reply = mux.execute(*args, decode=decode, recover=recover)
         reply.add_done_callback(self._check_reply)  # no coroutine per call while connected
         return reply
 
@@ -524,9 +529,10 @@ class SentinelTransport:
         if isinstance(exc, Unavailable) or (isinstance(exc, ReplyError) and exc.kind == "READONLY"):
             self.request_resolve()
 
-    async def _execute_after_resolve(self, args: tuple[Any, ...], decode: Decode | None) -> Any:
+    async def _execute_after_resolve(self, args: tuple[Any, ...], decode: Decode | None,
+                                     recover: Recover | None) -> Any:
         mux = await self._resolve_now()
-        reply = mux.execute(*args, decode=decode)
+        reply = mux.execute(*args, decode=decode, recover=recover)
         reply.add_done_callback(self._check_reply)
         return await reply
 
