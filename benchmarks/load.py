@@ -112,9 +112,9 @@ def _async_worker(setup: AsyncSetup, process_index: int, callers: int, warmup_s:
     try:
         window = _async_window(setup, process_index, callers, warmup_s, duration_s, barrier)
         # The application processes' event loop, the same for every row: asyncio's own by default
-        # (what an application gets unless it opts in); STATEFULD_BENCH_LOOP=uvloop runs every
+        # (what an application gets unless it opts in); SFD_BENCH_LOOP=uvloop runs every
         # row, statefuld's and redis-py's alike, on uvloop (docs/BENCHMARKS.md has both).
-        if os.environ.get("STATEFULD_BENCH_LOOP", "asyncio") == "uvloop":
+        if os.environ.get("SFD_BENCH_LOOP", "asyncio") == "uvloop":
             import uvloop
 
             result = uvloop.run(window)

@@ -71,6 +71,8 @@ def _breaks_contract(param: str, value: Any) -> bool:
         return type(value) is not int or not 0 <= value <= 2**31 - 1
     if param == "persist_seconds":
         return type(value) is not int or not (value == -1 or 1 <= value <= 2**31 - 1)
+    if param == "format":
+        return value not in ("map", "string") or type(value) is not str
     if param in ("services", "uids"):
         item = "service" if param == "services" else "uid"
         return type(value) is not list or len(value) > MAX_LIST_ITEMS or any(_breaks_contract(item, v) for v in value)
@@ -90,7 +92,7 @@ def _state_rule_ok(value: Any) -> bool:
 class ValidatingDispatcher:
     """rpc.Dispatcher's place: validate like the daemon, check the result, stop before Redis."""
 
-    def start(self, name: Any, params: Any) -> Any:
+    def start(self, name: Any, params: Any, connection: Any) -> Any:
         spec, args = validate(name, params, CONFIG)  # RpcError: calls.py answers it
         for param, value in zip(spec.params, args, strict=True):
             if _breaks_contract(param, value):

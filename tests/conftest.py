@@ -21,7 +21,7 @@ from support import (
 # standalone (the default), cluster (3 primaries + 3 replicas) or sentinel (a primary, a replica,
 # 3 sentinels). scripts/test runs the whole suite on standalone, then the method-level modules
 # below on cluster and on sentinel.
-BACKEND = os.environ.get("STATEFULD_TEST_BACKEND", "standalone")
+BACKEND = os.environ.get("SFD_TEST_BACKEND", "standalone")
 BACKENDS = ("standalone", "cluster", "sentinel")
 # The modules whose tests call the contract's methods (and the scripts) on the shared Redis.
 METHOD_MODULES = ("test_executor", "test_placement", "test_client.py", "test_protocol.py", "test_lua_scripts.py",
@@ -30,7 +30,7 @@ METHOD_MODULES = ("test_executor", "test_placement", "test_client.py", "test_pro
 
 def pytest_configure(config: pytest.Config) -> None:
     if BACKEND not in BACKENDS:
-        raise pytest.UsageError(f"STATEFULD_TEST_BACKEND={BACKEND!r}: expected one of {', '.join(BACKENDS)}")
+        raise pytest.UsageError(f"SFD_TEST_BACKEND={BACKEND!r}: expected one of {', '.join(BACKENDS)}")
 
 
 def pytest_report_header() -> str:
@@ -55,7 +55,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    """The shared Redis of the run (STATEFULD_TEST_BACKEND); tests that need their own start one.
+    """The shared Redis of the run (SFD_TEST_BACKEND); tests that need their own start one.
     On cluster and sentinel it has the same ``url`` and ``client()`` as a RedisServer."""
     server: Any
     if BACKEND == "cluster":

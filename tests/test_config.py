@@ -22,8 +22,8 @@ def serve_options() -> dict[str, click.Option]:
     return {p.name: p for p in serve.params if isinstance(p, click.Option) and p.name is not None}
 
 
-def expected_envvar(name: str) -> str:
-    return "STATEFULD_SOCKET" if name == "socket_path" else ENV_PREFIX + name.upper()
+def expected_envvar(name: str) -> str | list[str]:
+    return ["STATEFULD_SOCKET", "STATEFULD_SOCKET_PATH"] if name == "socket_path" else ENV_PREFIX + name.upper()
 
 
 def test_every_option_field_has_exactly_one_matching_serve_option() -> None:
@@ -35,7 +35,7 @@ def test_every_option_field_has_exactly_one_matching_serve_option() -> None:
         option = options[name]
         assert [p for p in serve.params if p.name == name] == [option]
         assert option.opts == ["--" + name.replace("_", "-")]
-        assert option.envvar == expected_envvar(name)
+        assert option.envvar == expected_envvar(name) or option.envvar == [expected_envvar(name)]
         is_tuple = typing.get_origin(hints[name]) is tuple
         assert option.multiple is is_tuple, name
         if f.default is not dataclasses.MISSING:
@@ -86,10 +86,11 @@ def test_environment_reaches_the_daemon(redis_server: RedisServer) -> None:
         assert "embedded" not in daemon.log()
 
 
-def test_statefuld_socket_names_the_socket(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("variable", ["STATEFULD_SOCKET", "STATEFULD_SOCKET_PATH"])
+def test_statefuld_socket_names_the_socket(redis_server: RedisServer, variable: str) -> None:
     directory = short_tmpdir()
     path = os.path.join(directory, "from-env.sock")
-    env = {**os.environ, "STATEFULD_SOCKET": path, "STATEFULD_REDIS_URL": redis_server.url}
+    env = {**os.environ, variable: path, "STATEFULD_REDIS_URL": redis_server.url}
     proc = subprocess.Popen([sys.executable, "-m", "statefuld", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -99,8 +100,31 @@ def test_statefuld_socket_names_the_socket(redis_server: RedisServer) -> None:
             except OSError:
                 return False
 
-        wait_for(answers, timeout_s=15, what="daemon on $STATEFULD_SOCKET")
+        wait_for(answers, timeout_s=15, what=f"daemon on ${variable}")
+        # The client resolves the same variable to the same socket.
+        found = subprocess.run([sys.executable, "-c", "from statefuld_client import Client; print(Client().ping())"],
+                               env={**os.environ, variable: path}, capture_output=True, text=True, timeout=30)
+        assert found.stdout.strip() == "PONG", found.stderr
     finally:
         proc.terminate()
         assert proc.wait(15) == 0
         os.rmdir(directory)  # empty: the socket file was removed at exit
+
+
+@pytest.mark.parametrize(("variable", "meant"), [
+    ("STATEFULD_REDIS_ULR", "STATEFULD_REDIS_URL"),
+    ("STATEFULD_REDIS_PASWORD", "STATEFULD_REDIS_PASSWORD"),
+    ("STATEFULD_MAX_INFLIGHT", "STATEFULD_MAX_IN_FLIGHT"),
+])
+def test_a_misspelt_variable_is_refused_before_anything_starts(variable: str, meant: str) -> None:
+    directory = short_tmpdir()
+    env = {**os.environ, variable: "redis://127.0.0.1:1", "STATEFULD_SOCKET": os.path.join(directory, "s.sock"),
+           "STATEFULD_DATA_DIR": os.path.join(directory, "data")}
+    done = subprocess.run([sys.executable, "-m", "statefuld", "serve"], env=env, capture_output=True, text=True,
+                          timeout=30)
+    try:
+        assert done.returncode == 64
+        assert done.stderr.strip() == f"statefuld: unknown environment variable {variable}; did you mean {meant}?"
+        assert os.listdir(directory) == []  # no socket, no embedded Redis's data
+    finally:
+        os.rmdir(directory)

@@ -65,6 +65,15 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(own_redis: RedisServer, 
     assert not os.path.exists(daemon.socket_path)
 
 
+def test_sighup_stops_as_sigterm_does(redis_server: RedisServer, start: Callable[[Daemon], Daemon]) -> None:
+    # The terminal the daemon was started from closed: a clean stop, socket removed, exit 0.
+    daemon = start(Daemon(redis_server.url))
+    daemon.signal(signal.SIGHUP)
+    assert daemon.wait(10) == 0
+    assert not os.path.exists(daemon.socket_path)
+    assert "received SIGHUP: shutting down" in daemon.log()
+
+
 def test_requests_still_in_flight_after_the_drain_bound_are_answered_unavailable(
         own_redis: RedisServer, raw: Raw, start: Callable[[Daemon], Daemon]) -> None:
     args = ["--request-timeout-ms", "10000", "--drain-timeout-s", "0.3"]

@@ -281,3 +281,40 @@ def test_peers_outside_the_allow_lists_are_disconnected(redis_server: RedisServe
         with running(daemon):
             assert ping_as_nobody(daemon.socket_path) == expected
             assert rpc_call(daemon.socket_path, "ping", []) == (None, "PONG")  # the daemon's own uid
+
+
+# --- what common msgpack-rpc clients send ----------------------------------------------------------
+
+
+def test_nil_params_are_read_as_no_arguments(conn: RawClient, redis_db: redis.Redis) -> None:
+    conn.send([0, 1, "ping", None], [2, "ping", None])
+    assert conn.replies(1) == {1: (None, "PONG")}
+    error, _ = conn.call(2, "get_linked_pod", None)  # nil for a method that takes arguments: its arity error
+    assert error["code"] == "INVALID_ARGUMENT" and "get_linked_pod takes 3 params" in error["message"]
+
+
+@pytest.mark.parametrize("msgid", [0.0, 7.0, 2.0**31, 2.0**32 - 1])
+def test_a_whole_number_float_msgid_is_answered_as_an_integer(conn: RawClient, msgid: float) -> None:
+    conn.send([0, msgid, "ping", []])
+    message = next(conn.messages())
+    assert message == [1, int(msgid), None, "PONG"] and type(message[1]) is int
+
+
+@pytest.mark.parametrize("msgid", [1.5, -1.0, 2.0**32, float("nan"), float("inf")])
+def test_a_float_msgid_that_is_no_uint32_closes_the_connection(conn: RawClient, msgid: float) -> None:
+    conn.send([0, msgid, "ping", []])
+    assert conn.closed_by_peer()
+
+
+def test_errors_as_strings_for_this_connection_only(conn: RawClient, daemon: Daemon, raw: Raw) -> None:
+    assert conn.call(1, "set_error_format", ["string"]) == (None, None)
+    assert conn.call(2, "get_linked_pod", [NS, "bad{uid", SVC]) == (
+        "INVALID_ARGUMENT: uid must not contain '{', '}' or control characters", None)
+    assert conn.call(3, "no_such_method", []) == ("UNKNOWN_METHOD: unknown method 'no_such_method'", None)
+    other = raw(daemon.socket_path)  # another connection keeps the map
+    assert other.call(1, "no_such_method", []) == (
+        {"code": "UNKNOWN_METHOD", "message": "unknown method 'no_such_method'"}, None)
+    assert conn.call(4, "set_error_format", ["map"]) == (None, None)
+    assert conn.call(5, "no_such_method", [])[0]["code"] == "UNKNOWN_METHOD"
+    error, _ = conn.call(6, "set_error_format", ["xml"])
+    assert error["code"] == "INVALID_ARGUMENT" and error["message"].startswith("format must be")

@@ -2,7 +2,7 @@
 MOVED/ASK, ACL users on every node, and failovers under load (measured; docs/OPERATIONS.md).
 
 The contract's methods themselves run on a cluster and on a Sentinel set through the shared
-fixtures (STATEFULD_TEST_BACKEND, see conftest.py); this module tests what only those modes have.
+fixtures (SFD_TEST_BACKEND, see conftest.py); this module tests what only those modes have.
 """
 
 from __future__ import annotations

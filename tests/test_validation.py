@@ -6,6 +6,7 @@ a rejected call sends nothing at all (no key, and no command counted by Redis).
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import msgpack
@@ -19,6 +20,7 @@ from statefuld.executor import Executor
 from statefuld.rpc import METHODS, Dispatcher, validate
 
 CONFIG = Config(max_list_items=3)
+CONNECTION = types.SimpleNamespace(error_format="map")  # the calling connection's own settings
 SURROGATE = b"a\xffb".decode("utf-8", "surrogateescape")  # how the wire layer hands over non-UTF-8
 
 # Valid params of every method, in the contract's order; each case below spoils one of them.
@@ -26,6 +28,7 @@ VALID: dict[str, list[Any]] = {
     "ping": [],
     "health": [],
     "stats": [],
+    "set_error_format": ["string"],
     "set_service_state": ["game", "lobby", 3, "Ready"],
     "get_service_state": ["game", "lobby"],
     "set_workload_state": ["game", "lobby", "Serving"],
@@ -62,10 +65,14 @@ GOOD_STATES = ["a", "a" * 4096, "é" * 2048, "Draining: {0} left\n"]
 BAD_LOADS = [-1, 2**31, True, 0.5, "3", None]
 GOOD_LOADS = [0, 1, 2**31 - 1]
 
+BAD_FORMATS = ["", "Map", "json", ["map"], None, b"map"]
+GOOD_FORMATS = ["map", "string"]
+
 BAD_BY_KIND: dict[str, list[Any]] = {"ns": BAD_NAMES, "service": BAD_NAMES, "uid": BAD_UIDS, "pod_id": BAD_POD_IDS,
-               "persist_seconds": BAD_PERSIST, "state": BAD_STATES, "load": BAD_LOADS}
+               "persist_seconds": BAD_PERSIST, "state": BAD_STATES, "load": BAD_LOADS, "format": BAD_FORMATS}
 GOOD_BY_KIND: dict[str, list[Any]] = {"ns": GOOD_NAMES, "service": GOOD_NAMES, "uid": GOOD_UIDS, "pod_id": GOOD_POD_IDS,
-                "persist_seconds": GOOD_PERSIST, "state": GOOD_STATES, "load": GOOD_LOADS}
+                "persist_seconds": GOOD_PERSIST, "state": GOOD_STATES, "load": GOOD_LOADS,
+                "format": GOOD_FORMATS}
 
 
 def spoiled_calls() -> list[tuple[str, list[Any], str]]:
@@ -210,12 +217,12 @@ def test_rejected_calls_send_nothing_to_redis(with_executor: ExecutorRun, redis_
         before = command_counts(redis_db)
         for method, params, param in SPOILED:
             with pytest.raises(InvalidArgument, match=param):
-                await dispatcher.start(method, params)
+                await dispatcher.start(method, params, CONNECTION)
         for unknown in ("nope", None):
             with pytest.raises(UnknownMethod):
-                await dispatcher.start(unknown, [])
+                await dispatcher.start(unknown, [], CONNECTION)
         with pytest.raises(InvalidArgument):
-            await dispatcher.start("set_linked_pod", ["game", "alice", "lobby", 3])
+            await dispatcher.start("set_linked_pod", ["game", "alice", "lobby", 3], CONNECTION)
         return before, command_counts(redis_db)
 
     before, after = with_executor(body)
@@ -225,7 +232,10 @@ def test_rejected_calls_send_nothing_to_redis(with_executor: ExecutorRun, redis_
 
 def test_dispatch_results_are_msgpack_ready(with_executor: ExecutorRun) -> None:
     async def body(ex: Executor) -> Any:
-        d = Dispatcher(ex, CONFIG).start
+        dispatcher = Dispatcher(ex, CONFIG)
+
+        def d(name: str, params: list[Any]) -> Any:
+            return dispatcher.start(name, params, CONNECTION)
         return [
             await d("ping", []),
             await d("set_service_state", ["game", "lobby", 3, "Ready"]),
@@ -252,7 +262,7 @@ def test_ping_does_not_need_redis() -> None:
             try:
                 server.kill()
                 dispatcher = Dispatcher(ex, CONFIG)
-                return await dispatcher.start("ping", []), await dispatcher.start("health", [])
+                return await dispatcher.start("ping", [], CONNECTION), await dispatcher.start("health", [], CONNECTION)
             finally:
                 await ex.close()
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 
 SOCKET_ENV = "STATEFULD_SOCKET"
+# Read in this order, the first set one wins; the daemon reads the same two.
+SOCKET_ENVS = (SOCKET_ENV, "STATEFULD_SOCKET_PATH")
 SYSTEM_SOCKET_DIR = "/run/statefuld"
 SOCKET_NAME = "statefuld.sock"
 
 
 def default_socket_path() -> str:
-    """Return the socket path from ``STATEFULD_SOCKET``, else the default.
+    """Return the socket path from ``STATEFULD_SOCKET`` (or ``STATEFULD_SOCKET_PATH``), else the default.
 
     The default is ``/run/statefuld/statefuld.sock`` for root and whenever
     ``/run/statefuld`` exists (a system install made it, so every user of the
@@ -18,9 +20,10 @@ def default_socket_path() -> str:
     ``$XDG_RUNTIME_DIR/statefuld/statefuld.sock``, or
     ``/tmp/statefuld-<uid>/statefuld.sock`` without ``XDG_RUNTIME_DIR``.
     """
-    explicit = os.environ.get(SOCKET_ENV)
-    if explicit:
-        return explicit
+    for name in SOCKET_ENVS:
+        explicit = os.environ.get(name)
+        if explicit:
+            return explicit
     if os.geteuid() == 0 or os.path.isdir(SYSTEM_SOCKET_DIR):
         return os.path.join(SYSTEM_SOCKET_DIR, SOCKET_NAME)
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR")

@@ -33,13 +33,13 @@ _ENDED = "statefuld: the call ended before its work did (deadline or shutdown)"
 
 # How a call's end goes back up: ``reply(msgid, error, result)``, handed down by protocol.py. A
 # notification's end (msgid None) is reported too, with nothing to send: the connection counts it.
-Reply = Callable[[int | None, "dict[str, str] | None", Any], None]
+Reply = Callable[[int | None, "dict[str, str] | str | None", Any], None]
 
 
 class Dispatcher(Protocol):
     """rpc.Dispatcher as calls use it."""
 
-    def start(self, name: str, params: Any, /) -> Awaitable[Any]: ...
+    def start(self, name: str, params: Any, connection: Session, /) -> Awaitable[Any]: ...
 
 
 class Calls:
@@ -133,13 +133,17 @@ class Calls:
 
 
 class Session:
-    """One connection's calls: what protocol.py submits, and where their ends go."""
+    """One connection's calls: what protocol.py submits, where their ends go, and the
+    connection's own settings (set_error_format)."""
 
-    __slots__ = ("calls", "reply")
+    __slots__ = ("calls", "error_format", "reply")
 
     def __init__(self, calls: Calls, reply: Reply) -> None:
         self.calls = calls
         self.reply = reply
+        # "map": errors as {"code", "message"}; "string": as "CODE: message", for clients that can
+        # only decode a string (Go's net/rpc with the common msgpack-rpc codec).
+        self.error_format = "map"
 
     def submit(self, msgid: int | None, name: str, params: Any, read_at: float) -> None:
         """Run one request (``msgid``) or notification (None) that a read at ``read_at``
@@ -155,7 +159,7 @@ class Session:
             call.fail(Overloaded("too many requests in flight; retry later"))
             return
         try:
-            pending = calls.dispatcher.start(name, params)  # raises at once for a rejected call
+            pending = calls.dispatcher.start(name, params, self)  # raises at once for a rejected call
         except Exception as exc:
             call.fail(exc)
             return
@@ -222,9 +226,13 @@ class Call:
         calls.metrics.count(self.method, code, seconds)
         if calls.log_calls:
             log.debug("%.100r msgid=%s: %s", self.method, self.msgid, code)
-        if self.msgid is None and error is not None and not logged:
-            calls.notification_failed(self.method, f"{error['code']}: {error['message']}")
-        self.session.reply(self.msgid, error, result)
+        if error is None:
+            self.session.reply(self.msgid, None, result)
+            return
+        text = f"{error['code']}: {error['message']}"
+        if self.msgid is None and not logged:
+            calls.notification_failed(self.method, text)
+        self.session.reply(self.msgid, text if self.session.error_format == "string" else error, None)
 
 
 _INTERNAL = Internal("internal error (see the daemon's log)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 import typing
@@ -13,9 +14,10 @@ from typing import Any
 import click
 
 from statefuld import __version__
-from statefuld.config import ENV_PREFIX, Config, option_fields
+from statefuld.config import Config, option_envvars, option_fields, unknown_envvar
 from statefuld.errors import EXIT_CONFIG, EXIT_USAGE
 from statefuld.metrics import BOUNDS_S, quantile_ms
+from statefuld_client._paths import SOCKET_ENVS
 
 
 class OctalInt(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
@@ -66,7 +68,7 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
             multiple=bool(settings.get("multiple")),
             default=f.default if has_default else None,
             show_default=_shown_default(f.default, settings) if has_default else False,
-            envvar=f.metadata.get("envvar", ENV_PREFIX + f.name.upper()),
+            envvar=option_envvars(f),
             show_envvar=True,
             help=f.metadata["help"],
         )(command)
@@ -106,6 +108,10 @@ def serve(**options: Any) -> None:
     from statefuld import server  # the client commands need none of the server's imports
     from statefuld.logs import configure_logging
 
+    unknown = unknown_envvar(dict(os.environ))
+    if unknown is not None:
+        click.echo(f"statefuld: {unknown}", err=True)
+        sys.exit(EXIT_USAGE)
     given = {name: value for name, value in options.items() if value is not None}
     try:
         config = Config(**given).with_secrets_from_environment()
@@ -125,7 +131,7 @@ def _client_options(command: Callable[..., Any]) -> Callable[..., Any]:
         help="Give up after this many seconds.",
     )(command)
     return click.option(
-        "--socket-path", envvar="STATEFULD_SOCKET", show_envvar=True, default=None,
+        "--socket-path", envvar=list(SOCKET_ENVS), show_envvar=True, default=None,
         help="The daemon's socket (default: as the daemon resolves it).",
     )(command)
 

@@ -8,11 +8,13 @@ so the parameter list is written once, here. tests/test_config.py checks the two
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from statefuld_client import default_socket_path
+from statefuld_client._paths import SOCKET_ENVS
 
 ENV_PREFIX = "STATEFULD_"
 # The Redis password is read from the environment (or a file), never from argv.
@@ -41,8 +43,9 @@ class Config:
         metadata={
             "help": "Unix socket to serve on (default: see docs/OPERATIONS.md).",
             "click": {},
-            # The one variable that names the socket for the daemon and the client alike.
-            "envvar": "STATEFULD_SOCKET",
+            # The variables that name the socket for the daemon and the client alike, first found
+            # wins: STATEFULD_SOCKET, and STATEFULD_SOCKET_PATH as every other --x-y reads STATEFULD_X_Y.
+            "envvar": list(SOCKET_ENVS),
         },
     )
     socket_mode: int = _option(0o660, "File mode of the socket, octal.", type="octal")
@@ -112,3 +115,26 @@ class Config:
 def option_fields() -> list[dataclasses.Field[Any]]:
     """The fields that are command-line options, in declaration order."""
     return [f for f in dataclasses.fields(Config) if "click" in f.metadata]
+
+
+def option_envvars(field: dataclasses.Field[Any]) -> list[str]:
+    """The environment variables that set ``field``'s option, in the order they are read."""
+    envvar = field.metadata.get("envvar", ENV_PREFIX + field.name.upper())
+    return list(envvar) if isinstance(envvar, list) else [envvar]
+
+
+def known_envvars() -> list[str]:
+    """Every STATEFULD_* variable the daemon reads."""
+    return sorted({PASSWORD_ENV, *(name for f in option_fields() for name in option_envvars(f))})
+
+
+def unknown_envvar(environ: dict[str, str]) -> str | None:
+    """The first STATEFULD_* variable in ``environ`` that the daemon does not read, with the known
+    one it most likely meant; None if there is none. A misspelt STATEFULD_REDIS_URL must never
+    quietly start a private embedded Redis in place of the shared one."""
+    known = known_envvars()
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            closest = difflib.get_close_matches(name, known, n=1, cutoff=0.0)
+            return f"unknown environment variable {name}; did you mean {closest[0]}?"
+    return None

@@ -279,6 +279,8 @@ class RpcProtocol(asyncio.Protocol):
             kind = None
         if size == 4 and kind == REQUEST:
             _, msgid, method, params = message
+            if type(msgid) is float and msgid.is_integer():  # encoders that write large ints as floats
+                msgid = int(msgid)
             if type(msgid) is not int or not 0 <= msgid <= MAX_MSGID:
                 raise MalformedMessage("request msgid is not a uint32")
         elif size == 3 and kind == NOTIFICATION:
@@ -291,7 +293,9 @@ class RpcProtocol(asyncio.Protocol):
             if type(method) is not bytes:  # some old msgpack-rpc clients send the name as bin
                 raise MalformedMessage("method name is not a string")
             method = method.decode("utf-8", "surrogateescape")
-        if type(params) is not list:
+        if params is None:  # clients that send nil for "no arguments"
+            params = []
+        elif type(params) is not list:
             raise MalformedMessage("params is not an array")
         self._pending += 1
         assert self._session is not None
@@ -299,7 +303,7 @@ class RpcProtocol(asyncio.Protocol):
 
     # --- bytes out ---------------------------------------------------------------------------
 
-    def _call_ended(self, msgid: int | None, error: dict[str, str] | None, result: Any) -> None:
+    def _call_ended(self, msgid: int | None, error: dict[str, str] | str | None, result: Any) -> None:
         """The callback this connection hands its Session: a call ended; send its reply."""
         self._pending -= 1
         if msgid is not None and self._transport is not None:  # else: nobody to send it to

@@ -11,7 +11,7 @@ import asyncio
 import re
 import unicodedata
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from statefuld.config import Config
 from statefuld.errors import InvalidArgument, UnknownMethod
@@ -131,6 +131,15 @@ def check_load(param: str, value: Any, config: Config) -> int:
     return value
 
 
+ERROR_FORMATS = ("map", "string")
+
+
+def check_error_format(param: str, value: Any, config: Config) -> str:
+    if type(value) is not str or value not in ERROR_FORMATS:
+        raise InvalidArgument(f"{param} must be \"map\" or \"string\", got {_shown(value)}")
+    return value
+
+
 def _list_of(item_check: Check) -> Check:
     """The check of a list param whose items ``item_check`` checks, at most --max-list-items of them."""
 
@@ -148,12 +157,15 @@ def _list_of(item_check: Check) -> Check:
 class Method:
     """One method of the contract: its parameters (name, check) in wire order."""
 
-    __slots__ = ("checks", "name", "params", "sheddable")
+    __slots__ = ("checks", "name", "of_connection", "params", "sheddable")
 
-    def __init__(self, name: str, params: tuple[tuple[str, Check], ...] = (), *, sheddable: bool = True):
+    def __init__(self, name: str, params: tuple[tuple[str, Check], ...] = (), *, sheddable: bool = True,
+                 of_connection: bool = False):
         self.name = name
         self.params = tuple(p for p, _ in params)
         self.checks = params
+        # Its handler acts on the calling connection's own state (handed in before the arguments).
+        self.of_connection = of_connection
         # ping and stats are never shed: they cost nothing, and a saturated daemon must neither fail
         # its liveness probe nor hide its numbers from the operator looking into why.
         self.sheddable = sheddable
@@ -168,6 +180,7 @@ METHODS: dict[str, Method] = {
         Method("ping", sheddable=False),
         Method("health"),
         Method("stats", sheddable=False),
+        Method("set_error_format", (("format", check_error_format),), of_connection=True),
         Method("set_service_state", (NS, SERVICE, POD_ID, STATE)),
         Method("get_service_state", (NS, SERVICE)),
         Method("set_workload_state", (NS, SERVICE, STATE)),
@@ -209,6 +222,12 @@ def validate(name: Any, params: Any, config: Config) -> tuple[Method, list[Any]]
     return method, [check(param, value, config) for (param, check), value in zip(checks, params, strict=True)]
 
 
+class Connection(Protocol):
+    """What a method of the connection (Method.of_connection) may change: calls.Session."""
+
+    error_format: str
+
+
 class Dispatcher:
     """Validated calls into the executor (and the few methods the daemon answers itself).
 
@@ -218,24 +237,35 @@ class Dispatcher:
 
     def __init__(self, executor: Executor, config: Config) -> None:
         self._config = config
+        own: dict[str, Callable[..., Awaitable[Any]]] = {
+            "ping": self._ping, "stats": self._stats, "set_error_format": self._set_error_format}
         self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
-            name: getattr(executor, name) for name in METHODS if name not in ("ping", "stats")
+            name: own.get(name) or getattr(executor, name) for name in METHODS
         }
-        self._handlers["ping"] = self._ping
-        self._handlers["stats"] = self._stats
         # The daemon's numbers (metrics.Observer.snapshot), wired by the server once it has them.
         self.stats: Callable[[], dict[str, Any]] = dict
 
-    def start(self, name: Any, params: Any) -> Awaitable[Any]:
+    def start(self, name: Any, params: Any, connection: Connection) -> Awaitable[Any]:
         """Validate (raises RpcError at once, nothing started) and start the call."""
         method, args = validate(name, params, self._config)
+        if method.of_connection:
+            return self._handlers[method.name](connection, *args)
         return self._handlers[method.name](*args)
 
     @staticmethod
     def _ping() -> Awaitable[str]:
-        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        done.set_result("PONG")  # the daemon is alive; Redis is not consulted
-        return done
+        return _done("PONG")  # the daemon is alive; Redis is not consulted
+
+    @staticmethod
+    def _set_error_format(connection: Connection, error_format: str) -> Awaitable[None]:
+        connection.error_format = error_format
+        return _done(None)
 
     async def _stats(self) -> dict[str, Any]:
         return self.stats()
+
+
+def _done(result: Any) -> asyncio.Future[Any]:
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(result)
+    return done

