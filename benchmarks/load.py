@@ -113,7 +113,7 @@ def _async_worker(setup: AsyncSetup, process_index: int, callers: int, warmup_s:
         window = _async_window(setup, process_index, callers, warmup_s, duration_s, barrier)
         # The application processes' event loop, the same for every row: asyncio's own by default
         # (what an application gets unless it opts in); SFD_BENCH_LOOP=uvloop runs every
-        # row, statefuld's and redis-py's alike, on uvloop (docs/BENCHMARKS.md has both).
+        # row, statefuld's and redis-py's alike, on uvloop (docs/BENCHMARKS.md says which the table used).
         if os.environ.get("SFD_BENCH_LOOP", "asyncio") == "uvloop":
             import uvloop
 

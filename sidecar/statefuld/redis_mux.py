@@ -4,7 +4,7 @@ redis-py sends a command and awaits its reply on a connection taken from a pool,
 requests cost N round trips and N syscall pairs. Here every caller of a turn appends its command,
 RESP-encoded by ``hiredis.pack_command``, to one buffer; one ``transport.write`` sends them all,
 and ``hiredis.Reader`` parses the replies, which Redis returns in order, so the N-th reply answers
-the N-th command (docs/BENCHMARKS.md measures what this buys).
+the N-th command (docs/BENCHMARKS.md, statefuld against redis-py in the application).
 
 redis-py still owns what is not the request path: URL parsing, TLS settings, credentials
 (``Endpoint.from_url`` / ``Endpoint.from_redis_connection`` read a redis-py connection object's
