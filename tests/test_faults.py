@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 import pytest
 import redis
-from support import Daemon, RawClient, RedisServer, rpc_call, run_async, running, wait_for
+from support import Daemon, RawClient, RedisServer, fd_count, rpc_call, rss_kib, run_async, running, wait_for
 
 from statefuld_client import (
     AsyncClient,
@@ -62,18 +62,6 @@ async def stop_load(stop: asyncio.Event, tasks: list[asyncio.Task[Any]]) -> None
 
 
 # --- what a process uses, from /proc ------------------------------------------------------------
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def daemon_pid(daemon: Daemon) -> int:

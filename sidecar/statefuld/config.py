@@ -71,6 +71,11 @@ class Config:
     startup_timeout_s: float = _option(10.0, "How long start-up waits for Redis before giving up.", min=0.0)
     max_message_bytes: int = _option(1024 * 1024, "Largest message accepted; larger closes the connection.", min=64)
     max_list_items: int = _option(10_000, "Most items in one list parameter.", min=1)
+    max_connections: int = _option(2048, "Client connections open at once; past it a new one is closed at once.", min=1)
+    max_buffered_bytes: int = _option(
+        64 * 1024 * 1024, "Bytes of incomplete messages held across all connections; past it the connection "
+        "that adds more is closed.", min=64
+    )
     max_in_flight: int = _option(4096, "Requests in progress daemon-wide before OVERLOADED.", min=1)
     max_in_flight_per_connection: int = _option(
         1024, "Requests in progress on one connection before the daemon stops reading it (it waits, no error).", min=1

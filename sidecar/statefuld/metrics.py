@@ -194,6 +194,7 @@ class Observer:
             "latency_bounds_ms": [b * 1000 for b in BOUNDS_S],
             "in_flight": len(calls.in_flight),
             "connections": len(connections.open),
+            "buffered_bytes": connections.buffered,
             "redis": {
                 "up": self._redis.up,
                 "commands": int(transport.get("commands", 0)),
@@ -211,6 +212,8 @@ class Observer:
                 "connections_closed_malformed": connections.closed_malformed,
                 "connections_accepted": connections.accepted,
                 "connections_refused": connections.refused,
+                "connections_over_limit": connections.over_limit,
+                "connections_closed_buffered": connections.closed_buffered,
             },
         }
 
@@ -231,6 +234,11 @@ _COUNTERS: Final = (
      "connections_refused"),
     ("statefuld_connections_closed_malformed", "Connections closed for breaking the protocol.",
      "connections_closed_malformed"),
+    ("statefuld_connections_over_limit", "Connections closed at once: --max-connections were open.",
+     "connections_over_limit"),
+    ("statefuld_connections_closed_buffered",
+     "Connections closed for taking the incomplete messages held past --max-buffered-bytes.",
+     "connections_closed_buffered"),
 )
 
 
@@ -267,6 +275,8 @@ def families(snap: dict[str, Any]) -> list[Any]:
     redis = snap["redis"]
     gauge("statefuld_requests_in_flight", "Calls being executed now, daemon-wide.", snap["in_flight"])
     gauge("statefuld_connections_open", "Client connections open now.", snap["connections"])
+    gauge("statefuld_buffered_bytes", "Bytes of incomplete messages held across connections now.",
+          snap["buffered_bytes"])
     gauge("statefuld_redis_up", "1 while Redis answers the daemon's health check (every second), else 0.",
           1 if redis["up"] else 0)
     counter("statefuld_redis_commands", "Commands sent to Redis.", redis["commands"])

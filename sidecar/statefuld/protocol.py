@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -40,6 +41,9 @@ _FEED_SLICE = 64 * 1024
 
 # Replies waiting for a peer that does not read them, past which its connection is cut.
 _MAX_UNREAD_BYTES = 32 * 1024 * 1024
+# The unpacker's first buffer, enough for the requests of a read in practice; it grows as a
+# message needs, up to its limit.
+_READ_SIZE = 4096
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -62,11 +66,17 @@ class Connections:
         self.resume_pending = config.max_in_flight_per_connection // 2
         self.allow_uids = frozenset(config.allow_uid)
         self.allow_gids = frozenset(config.allow_gid)
+        self.max_connections = config.max_connections
+        self.max_buffered_bytes = config.max_buffered_bytes
         self.open: set[RpcProtocol] = set()
         self.draining = False
+        self.buffered = 0  # bytes of incomplete messages held by all connections' unpackers
         self.accepted = 0
         self.refused = 0
         self.closed_malformed = 0
+        self.over_limit = 0  # closed at once: --max-connections were open
+        self.closed_buffered = 0  # closed for adding past --max-buffered-bytes
+        self._limit_logged_s = -1.0
         self.packer = msgpack.Packer(use_bin_type=True)
 
     def peer_allowed(self, uid: int, gid: int) -> bool:
@@ -74,6 +84,13 @@ class Connections:
             return True
         # The daemon's own user may always connect, so its health probes keep working.
         return uid in self.allow_uids or gid in self.allow_gids or uid == os.geteuid()
+
+    def log_limit(self, message: str, *args: Any) -> None:
+        # A local peer that opens connections in a loop must not flood the log: one line a second.
+        now = time.monotonic()
+        if now - self._limit_logged_s >= 1.0:
+            self._limit_logged_s = now
+            log.warning(message, *args, extra={"event": "connection_limit"})
 
     def factory(self) -> RpcProtocol:
         return RpcProtocol(self)
@@ -95,8 +112,13 @@ class RpcProtocol(asyncio.Protocol):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.Transport | None = None
         self._session: Session | None = None
+        self._reading = False  # a peer admitted, not (yet) closed: its bytes are taken
+        # Made at the first byte: a msgpack Unpacker holds tens of KiB (its parse stack) from its
+        # creation on, which a connection that never sends should not cost.
         self._unpacker: Any = None
         self._message_start = 0  # unpacker offset where the message being read began
+        self._fed = 0  # bytes fed to the unpacker; minus its offset, what it holds
+        self._buffered = 0  # this connection's share of Connections.buffered
         self._pending = 0  # calls of this connection not yet ended
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -120,20 +142,14 @@ class RpcProtocol(asyncio.Protocol):
         self.closed = loop.create_future()
         shared.open.add(self)
         shared.accepted += 1
+        if len(shared.open) > shared.max_connections:
+            shared.over_limit += 1
+            shared.log_limit("closing a new connection: %d are open (--max-connections)", shared.max_connections)
+            self._close("too many connections")
+            return
         if (shared.allow_uids or shared.allow_gids) and not self._check_peer(transport):
             return
-        limit = shared.max_message_bytes
-        self._unpacker = msgpack.Unpacker(
-            raw=False,
-            strict_map_key=False,
-            unicode_errors="surrogateescape",
-            max_buffer_size=limit + _FEED_SLICE,
-            max_str_len=limit,
-            max_bin_len=limit,
-            max_array_len=limit,
-            max_map_len=limit // 2,
-            max_ext_len=limit,
-        )
+        self._reading = True
         self._session = shared.open_session(self._call_ended)
         if shared.draining:  # accepted just before the listener closed
             self._close("the daemon is shutting down")
@@ -155,6 +171,8 @@ class RpcProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._shared.open.discard(self)
+        self._shared.buffered -= self._buffered
+        self._buffered = 0
         if exc is not None:  # not a close of ours or the peer's: say why
             log.info("connection closed: %s", exc, extra={"event": "connection_closed"})
         else:
@@ -164,6 +182,7 @@ class RpcProtocol(asyncio.Protocol):
         self._out.clear()
         # Requests held back at the per-connection bound were never taken: with nobody left to
         # answer, they are dropped, not run.
+        self._reading = False
         self._unpacker = None
         self._backlog = None
         if self.closed is not None and not self.closed.done():
@@ -193,7 +212,7 @@ class RpcProtocol(asyncio.Protocol):
     # --- bytes in ----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._unpacker is None or self._closing:
+        if not self._reading or self._closing:
             return
         if self._holding:  # a read that was already under way when reading paused
             self._backlog = data if self._backlog is None else bytes(self._backlog) + data
@@ -204,7 +223,7 @@ class RpcProtocol(asyncio.Protocol):
         """Feed ``data`` and submit the messages it completes, until the connection has
         ``max_pending`` calls running: then the rest waits (``_hold``). ``resuming``: the
         unpacker may still hold messages fed before a hold; they go first."""
-        unpacker = self._unpacker
+        unpacker = self._unpacker or self._new_unpacker()
         read_at = perf_counter()  # one clock read for every message taken now: they arrived together
         try:
             if resuming and not self._drain_unpacker(unpacker, read_at):
@@ -212,18 +231,52 @@ class RpcProtocol(asyncio.Protocol):
                 return
             view = memoryview(data)
             for start in range(0, len(view), _FEED_SLICE):
-                unpacker.feed(view[start : start + _FEED_SLICE])
+                piece = view[start : start + _FEED_SLICE]
+                unpacker.feed(piece)
+                self._fed += len(piece)
                 if not self._drain_unpacker(unpacker, read_at):
                     self._hold(view[start + _FEED_SLICE :])
+                    self._account(unpacker)
                     return
                 if self._closing:
                     return
+            self._account(unpacker)
         except MalformedMessage as malformed:
             self._malformed(str(malformed))
         except msgpack.BufferFull:
             self._malformed(f"message larger than {self._shared.max_message_bytes} bytes")
         except Exception as exc:  # undecodable msgpack: FormatError, StackError, limits, unhashable keys...
             self._malformed(f"undecodable MessagePack ({type(exc).__name__}: {exc})")
+
+    def _new_unpacker(self) -> Any:
+        limit = self._shared.max_message_bytes
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            strict_map_key=False,
+            unicode_errors="surrogateescape",
+            max_buffer_size=limit + _FEED_SLICE,
+            read_size=_READ_SIZE,
+            max_str_len=limit,
+            max_bin_len=limit,
+            max_array_len=limit,
+            max_map_len=limit // 2,
+            max_ext_len=limit,
+        )
+        return self._unpacker
+
+    def _account(self, unpacker: Any) -> None:
+        """Count what the unpacker holds of incomplete messages into the daemon-wide total; the
+        connection that takes the total past --max-buffered-bytes is closed."""
+        shared = self._shared
+        held = self._fed - unpacker.tell()
+        shared.buffered += held - self._buffered
+        self._buffered = held
+        if shared.buffered > shared.max_buffered_bytes and held:
+            shared.closed_buffered += 1
+            shared.log_limit("closing connection%s: %d bytes of incomplete messages held across connections "
+                             "(--max-buffered-bytes %d)", self._peer_description(), shared.buffered,
+                             shared.max_buffered_bytes)
+            self._close("too many bytes buffered")
 
     def _hold(self, rest: bytes | memoryview) -> None:
         # Backpressure, not an error: a peer that pipelines more than max_pending calls waits in
@@ -237,7 +290,7 @@ class RpcProtocol(asyncio.Protocol):
 
     def _resume_input(self) -> None:
         self._resume_scheduled = False
-        if not self._holding or self._closing or self._unpacker is None or self._shared.draining:
+        if not self._holding or self._closing or not self._reading or self._shared.draining:
             return
         transport = self._transport
         # A paused transport does not see its peer leave; a reply that could not be written
@@ -338,6 +391,7 @@ class RpcProtocol(asyncio.Protocol):
             log.warning("closing connection%s: more than %d bytes of replies it does not read",
                         self._peer_description(), _MAX_UNREAD_BYTES)
             self._closing = True
+            self._reading = False
             self._unpacker = None
             transport.abort()
 
@@ -363,7 +417,10 @@ class RpcProtocol(asyncio.Protocol):
             return
         self._closing = True
         self._close_reason = reason
-        self._unpacker = None
+        self._reading = False
+        self._unpacker = None  # what it held is freed now, not when the peer's close arrives
+        self._shared.buffered -= self._buffered
+        self._buffered = 0
         self.flush()  # replies already computed still go out before the close
         self._transport.close()
 

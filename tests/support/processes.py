@@ -43,6 +43,19 @@ def short_tmpdir(prefix: str = "sfd-") -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
+def rss_kib(pid: int) -> int:
+    """The resident memory of process ``pid``."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
