@@ -7,6 +7,12 @@
 -- ARGV[2]  persist_seconds: -1 = delete now, N > 0 = keep as a temporary link for N seconds
 --          (the TTL becomes N even if more was left)
 -- Reply:   1 if the link key existed, else 0.
+-- Both keys' types are checked before anything is written: a call that fails changes nothing.
+local hash_type = redis.call('TYPE', KEYS[1]).ok
+if hash_type ~= 'none' and hash_type ~= 'hash' then
+  return redis.error_reply("WRONGTYPE the user's link hash is not a hash; nothing was changed")
+end
+redis.call('GET', KEYS[2])  -- a link key that is not a string fails here, before any write
 local persist_seconds = tonumber(ARGV[2])
 local existed
 if persist_seconds == -1 then

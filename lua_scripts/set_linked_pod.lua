@@ -6,6 +6,11 @@
 -- ARGV[2]  pod id, decimal
 -- ARGV[3]  persist_seconds: -1 = persistent, N > 0 = temporary for N seconds
 -- Reply:   the pod id linked before the call (bulk string), or nil when there was none.
+-- Both keys' types are checked before anything is written: a call that fails changes nothing.
+local hash_type = redis.call('TYPE', KEYS[1]).ok
+if hash_type ~= 'none' and hash_type ~= 'hash' then
+  return redis.error_reply("WRONGTYPE the user's link hash is not a hash; nothing was changed")
+end
 local previous = redis.call('GET', KEYS[2])
 local persist_seconds = tonumber(ARGV[3])
 if persist_seconds == -1 then

@@ -7,6 +7,11 @@
 -- ARGV[2]  pod id, decimal
 -- ARGV[3]  persist_seconds: -1 = persistent, N > 0 = temporary for N seconds
 -- Reply:   the pod id linked after the call (bulk string): the existing one, else ARGV[2].
+-- Both keys' types are checked before anything is written: a call that fails changes nothing.
+local hash_type = redis.call('TYPE', KEYS[1]).ok
+if hash_type ~= 'none' and hash_type ~= 'hash' then
+  return redis.error_reply("WRONGTYPE the user's link hash is not a hash; nothing was changed")
+end
 local current = redis.call('GET', KEYS[2])
 if current then
   return current

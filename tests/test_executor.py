@@ -66,9 +66,39 @@ def test_stored_ids_beyond_the_pod_id_range_are_skipped_or_refused_not_crashed_o
     redis_db.set(LINK, huge)
     assert rpc_call(daemon.socket_path, "get_service_state", [NS, SVC]) == (None, {1: "Ready", 2147483647: "Ready"})
     assert rpc_call(daemon.socket_path, "get_link_service", [NS, UID]) == (None, {SVC: 3})
-    for method, params in (("get_linked_pod", [NS, UID, SVC]), ("batch_get_linked_pod", [NS, [UID], SVC])):
-        error, _ = rpc_call(daemon.socket_path, method, params)
-        assert error["code"] == "INTERNAL" and "pod id" in error["message"], (method, error)
+    error, _ = rpc_call(daemon.socket_path, "get_linked_pod", [NS, UID, SVC])
+    assert error["code"] == "INTERNAL" and "pod id" in error["message"], error
+    # A batch leaves the unreadable user out and still answers for the others.
+    redis_db.set("sf:{game:lk:bob}lobby", "4")
+    assert rpc_call(daemon.socket_path, "batch_get_linked_pod", [NS, [UID, "bob"], SVC]) == (None, {4: ["bob"]})
+
+
+def test_a_batch_leaves_out_users_whose_link_holds_no_pod_id(with_executor: ExecutorRun,
+                                                            redis_db: redis.Redis) -> None:
+    redis_db.set("sf:{game:lk:a}lobby", "1")
+    redis_db.set("sf:{game:lk:b}lobby", "0x7")  # not a pod id
+    redis_db.hset("sf:{game:lk:c}lobby", "x", "y")  # not even a string: MGET reads it as nil
+    redis_db.set("sf:{game:lk:d}lobby", "1")
+
+    async def body(ex: Executor) -> Any:
+        single = []
+        for uid in ("b", "c"):
+            with pytest.raises(RpcError) as info:
+                await ex.get_linked_pod(NS, uid, SVC)
+            single.append(info.value.code)
+        return single, await ex.batch_get_linked_pod(NS, ["a", "b", "c", "d"], SVC)
+
+    assert with_executor(body) == (["INTERNAL", "INTERNAL"], {1: ["a", "d"]})
+
+
+def test_two_state_fields_for_one_pod_read_as_the_canonical_one(with_executor: ExecutorRun,
+                                                                redis_db: redis.Redis) -> None:
+    for order in (("01", "1"), ("1", "01")):  # whichever Redis lists first
+        redis_db.delete("sf:{game:state:lobby}")
+        for field in order:
+            redis_db.hset("sf:{game:state:lobby}", field, "canonical" if field == "1" else "zero-padded")
+        redis_db.hset("sf:{game:state:lobby}", "002", "only padded")
+        assert with_executor(lambda ex: ex.get_service_state(NS, SVC)) == {1: "canonical", 2: "only padded"}
 
 
 FOREIGN = ("abc", TOO_BIG, " 7", "")  # link values another tool may leave that are not pod ids
@@ -595,3 +625,80 @@ def test_rediss_uses_the_configured_ca_and_client_certificate(tmp_path: Path) ->
         no_client_cert = Config(redis_url=url, redis_tls_ca_file=files["ca.crt"], startup_timeout_s=0.3)
         with pytest.raises(Unavailable):
             run_async(lambda: use(no_client_cert))
+
+
+# --- writes that are all or nothing, and one reading of a pod id --------------------------------------
+
+
+def link_state(r: redis.Redis) -> dict[str, Any]:
+    """Every key of the test with its type, value and TTL."""
+    state: dict[str, Any] = {}
+    for key in sorted(map(str, r.keys("*"))):
+        kind = r.type(key)
+        state[key] = (kind, r.hgetall(key) if kind == "hash" else r.get(key), r.ttl(key))
+    return state
+
+
+LINK_WRITES = [
+    ("set_linked_pod", lambda ex: ex.set_linked_pod(NS, UID, SVC, 3, -1)),
+    ("set_linked_pod temporary", lambda ex: ex.set_linked_pod(NS, UID, SVC, 3, 60)),
+    ("try_set_linked_pod", lambda ex: ex.try_set_linked_pod(NS, UID, SVC, 3, -1)),
+    ("set_linked_pod_if_absent", lambda ex: ex.set_linked_pod_if_absent(NS, UID, SVC, 3, -1)),
+    ("remove_linked_pod", lambda ex: ex.remove_linked_pod(NS, UID, SVC, -1)),
+    ("remove_linked_pod linger", lambda ex: ex.remove_linked_pod(NS, UID, SVC, 60)),
+    ("remove_linked_pod_with_id", lambda ex: ex.remove_linked_pod_with_id(NS, UID, SVC, -1, 3)),
+]
+
+
+@pytest.mark.parametrize("wrong", ["hash holds a string", "link holds a hash"])
+@pytest.mark.parametrize(("name", "write"), LINK_WRITES, ids=[name for name, _ in LINK_WRITES])
+def test_a_link_write_over_a_key_of_the_wrong_type_fails_and_changes_nothing(
+        with_executor: ExecutorRun, redis_db: redis.Redis, name: str, write: Any, wrong: str) -> None:
+    if wrong == "hash holds a string":
+        redis_db.set(HASH, "another tool's string")
+        redis_db.set(LINK, "3" if name == "remove_linked_pod_with_id" else "5")  # the id matches: it would write
+    else:
+        redis_db.hset(LINK, "x", "y")
+    before = link_state(redis_db)
+
+    async def body(ex: Executor) -> RpcError:
+        with pytest.raises(RpcError) as info:
+            await write(ex)
+        return info.value
+
+    error = with_executor(body)
+    assert error.code == "INTERNAL" and "WRONGTYPE" in error.message
+    assert link_state(redis_db) == before
+
+
+@pytest.mark.parametrize("stored", ["0x7", "7.0", " 7", "7e0", "+7", "-7", "2147483648"])
+def test_a_value_that_looks_like_a_number_is_no_pod_id_anywhere(with_executor: ExecutorRun, redis_db: redis.Redis,
+                                                                  stored: str) -> None:
+    # What Lua's tonumber reads as 7 (or a number) is still no pod id: the scripts and the reads agree.
+    redis_db.set(LINK, stored)
+    redis_db.hset(HASH, SVC, stored)
+    before = link_state(redis_db)
+
+    async def body(ex: Executor) -> list[Any]:
+        outcomes: list[Any] = []
+        for call in (ex.get_linked_pod(NS, UID, SVC), ex.try_set_linked_pod(NS, UID, SVC, 7, -1)):
+            with pytest.raises(Internal):
+                await call
+        outcomes.append(await ex.remove_linked_pod_with_id(NS, UID, SVC, -1, 7))
+        outcomes.append(await ex.get_link_service(NS, UID))
+        return outcomes
+
+    assert with_executor(body) == [False, {}]
+    assert link_state(redis_db) == before
+
+
+def test_leading_zeros_are_still_the_pod(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    redis_db.set(LINK, "007")
+    redis_db.hset(HASH, SVC, "007")
+
+    async def body(ex: Executor) -> list[Any]:
+        return [await ex.get_linked_pod(NS, UID, SVC), await ex.try_set_linked_pod(NS, UID, SVC, 7, -1),
+                await ex.remove_linked_pod_with_id(NS, UID, SVC, -1, 7)]
+
+    assert with_executor(body) == [7, (True, 7), True]
+    assert not redis_db.exists(LINK, HASH)

@@ -97,12 +97,18 @@ def _optional_text(raw: bytes | None) -> str | None:
 
 
 def _pod_states(flat: list[bytes]) -> dict[int, str]:
-    # Fields that are not decimal pod ids (another tool's data) are not pods: skip them.
+    # Fields that are not decimal pod ids (another tool's data) are not pods: skip them. Where two
+    # fields name one pod ("1" and "01"), the one written as the daemon writes it wins, whatever
+    # order Redis lists them in.
     states: dict[int, str] = {}
     for i in range(0, len(flat), 2):
         pod = parse_pod_id(flat[i])
-        if pod is not None:
+        if pod is None:
+            continue
+        if flat[i] == b"%d" % pod:
             states[pod] = _text(flat[i + 1])
+        else:
+            states.setdefault(pod, _text(flat[i + 1]))
     return states
 
 
@@ -292,11 +298,14 @@ class Executor:
         return self._script("get_linked_pod_if_persist", self._link_keys(ns, uid, service), decode=_pod_id)
 
     async def batch_get_linked_pod(self, ns: str, uids: list[str], service: str) -> dict[int, list[str]]:
+        # A user whose link holds no pod id (another tool's value, a key of another type, which
+        # MGET reads as nil) is left out, as an unlinked one: one user's foreign data must not fail
+        # the answer for all the others. get_linked_pod for that user answers INTERNAL.
         unique = list(dict.fromkeys(uids))
         values = await self._mget([self.keys.link(ns, uid, service) for uid in unique])
         by_pod: dict[int, list[str]] = {}
         for uid, raw in zip(unique, values, strict=True):
-            pod = _pod_id(raw)
+            pod = None if raw is None else parse_pod_id(raw)
             if pod is not None:
                 by_pod.setdefault(pod, []).append(uid)
         return by_pod
