@@ -10,6 +10,7 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from statefuld.config import Config
 from statefuld.errors import InvalidArgument
 from statefuld.executor import Keys
 from statefuld.rpc import check_name, check_uid
@@ -19,7 +20,7 @@ KEYS = Keys("sf")
 
 def _valid(check: Any, value: str) -> bool:
     try:
-        check("p", value)
+        check("p", value, Config())
     except InvalidArgument:
         return False
     return True
