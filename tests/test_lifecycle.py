@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -17,7 +19,9 @@ from support import (
     DaemonFactory,
     RawClient,
     RedisServer,
+    free_port,
     in_flight,
+    redis_server_binary,
     rpc_call,
     running,
     short_tmpdir,
@@ -195,3 +199,48 @@ def test_sigterm_during_startup_exits_0_without_a_socket(tmp_daemon: DaemonFacto
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(10) == 0
     assert not os.path.exists(daemon.socket_path)
+
+
+def test_a_redis_that_wants_a_password_stops_the_start_at_once_with_the_fix(tmp_daemon: DaemonFactory,
+                                                                          start: Callable[[RedisServer], RedisServer]
+                                                                          ) -> None:
+    server = start(RedisServer())
+    server.client().config_set("requirepass", "s3cret-pw")
+    daemon = tmp_daemon(server.url, args=["--startup-timeout-s", "30"])
+    started = time.monotonic()
+    daemon.start(wait=False)
+    assert daemon.wait(15) == EXIT_CONFIG
+    assert time.monotonic() - started < 10  # not after 30 s of retries that cannot help
+    errors = [line for line in daemon.log().splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "set STATEFULD_REDIS_PASSWORD or --redis-password-file" in errors[0]
+    assert "Traceback" not in daemon.log()
+
+
+def test_a_sentinel_named_as_a_redis_stops_the_start_at_once_with_the_fix(tmp_daemon: DaemonFactory) -> None:
+    directory = short_tmpdir("sfs-")
+    port = free_port()
+    conf = os.path.join(directory, "sentinel.conf")
+    with open(conf, "w") as f:
+        f.write(f"port {port}\nbind 127.0.0.1\ndir {directory}\nsentinel monitor m 127.0.0.1 1 1\n")
+    sentinel = subprocess.Popen([redis_server_binary(), conf, "--sentinel", "--daemonize", "no"],
+                                stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: connect_refused_tcp(port) is False, what="the sentinel listening")
+        daemon = tmp_daemon(f"redis://127.0.0.1:{port}", args=["--startup-timeout-s", "30"])
+        daemon.start(wait=False)
+        assert daemon.wait(15) == EXIT_CONFIG
+        errors = [line for line in daemon.log().splitlines() if "ERROR" in line]
+        assert len(errors) == 1 and "redis+sentinel://HOST:PORT" in errors[0], errors
+    finally:
+        sentinel.kill()
+        sentinel.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def connect_refused_tcp(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.connect(("127.0.0.1", port))
+        except ConnectionRefusedError:
+            return True
+    return False

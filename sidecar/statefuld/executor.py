@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-from statefuld.config import Config
+from statefuld.config import PASSWORD_ENV, Config
 from statefuld.errors import Internal, Unavailable
 from statefuld.redis_mux import ReplyError
 from statefuld.scripts import Scripts, load_scripts
@@ -126,6 +126,23 @@ def _try_set_result(reply: list[Any]) -> tuple[bool, int]:
     return (True, int(current)) if ok else (False, _held_pod_id(current))
 
 
+async def _configuration_problem(transport: Transport, error: ReplyError) -> str:
+    """What to change, in one line, for an error reply at start-up that retrying cannot mend."""
+    if error.kind == "NOAUTH":
+        return (f"Redis requires a password: set {PASSWORD_ENV} or --redis-password-file "
+                "(and --redis-username for an ACL user)")
+    if error.kind == "NOPERM":
+        return f"the Redis user lacks a permission the daemon needs: {error.reply[:200]}"
+    try:
+        info = await asyncio.wait_for(transport.execute_any("INFO", "server"), HEALTH_TIMEOUT_S)
+    except (Unavailable, TimeoutError, ReplyError):
+        info = b""
+    if b"redis_mode:sentinel" in bytes(info or b""):
+        return ("that address is a Redis Sentinel, not a Redis server: name the Sentinels as "
+                "redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME")
+    return f"Redis refused the daemon's set-up: {error.reply[:200]}"
+
+
 class Executor:
     def __init__(
         self,
@@ -171,12 +188,16 @@ class Executor:
                     await transport.close()
                 raise
             except (Unavailable, TimeoutError, ReplyError) as exc:
+                if isinstance(exc, ReplyError) and not isinstance(exc, Unavailable):
+                    # NOAUTH, NOPERM, a Sentinel's "unknown command": no retry mends it.
+                    assert transport is not None
+                    problem = await _configuration_problem(transport, exc)
+                    await transport.close()
+                    raise ValueError(problem) from exc
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     if transport is not None:
                         await transport.close()
-                    if not isinstance(exc, (Unavailable, TimeoutError)):
-                        raise  # NOPERM, a SHA mismatch...: no retry mends it
                     raise Unavailable(str(exc) or "Redis did not answer in time") from exc
                 where = transport.describe() if transport is not None else "the configured URL"
                 log.warning("Redis at %s not ready yet: %s", where, exc)
