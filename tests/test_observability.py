@@ -105,7 +105,7 @@ def test_metrics_count_known_traffic_and_parse(metrics_daemon: tuple[Daemon, int
     assert sum(get["latency_buckets"]) == 7 and get["p50_ms"] > 0 and get["p99_ms"] >= get["p50_ms"]
     assert stats["methods"]["unknown"] == {**stats["methods"]["unknown"], "count": 1,
                                            "errors": {"UNKNOWN_METHOD": 1}, "p50_ms": None}
-    assert stats["redis"]["up"] is True and stats["connections"] == 1 and stats["in_flight"] == 1  # itself
+    assert stats["redis"]["up"] is True and stats["connections"] == 1 and stats["in_flight"] == 0  # not counting itself
     assert value(got, "statefuld_requests_total", method="stats", code="OK") == 1
 
 

@@ -14,7 +14,7 @@ from statefuld_client._core import READ_METHODS, as_list, linked_pair
 
 
 class AsyncAPI:
-    """The methods of SPEC section 2 and 2b; a shell supplies `_call` and `_notify`."""
+    """The daemon's methods (docs/PROTOCOL.md); a shell supplies `_call` and `_notify`."""
 
     __slots__ = ()
 
@@ -193,7 +193,7 @@ class AsyncAPI:
         """
         return cast("dict[str, int]", await self._call("get_link_service", [ns, uid], timeout_s, True))
 
-    # -- placement (SPEC 2b) ------------------------------------------------------------------------
+    # -- placement --------------------------------------------------------------------------------------
 
     async def report_pod_load(self, ns: str, service: str, pod_id: int, load: int, *,
                               timeout_s: float | None = None) -> None:

@@ -13,6 +13,7 @@ Wire format (docs/PROTOCOL.md, MessagePack-RPC): request ``[0, msgid, method, pa
 from __future__ import annotations
 
 import os
+import stat
 import weakref
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -172,8 +173,22 @@ def connect_error(path: str, exc: OSError) -> TransportError:
         return SocketNotFoundError(
             f"no statefuld socket at {path}: is the daemon running? (STATEFULD_SOCKET names the path)")
     if isinstance(exc, ConnectionRefusedError):
+        kind = _file_kind(path)
+        if kind != "socket":
+            return TransportError(f"{path} is {kind}, not the daemon's socket: check socket_path or STATEFULD_SOCKET")
         return ConnectRefusedError(f"nothing accepts on {path}: the daemon stopped or is restarting")
     return TransportError(f"cannot connect to {path}: {exc}")
+
+
+def _file_kind(path: str) -> str:
+    # The one look at the file system here: only once a connect has already failed.
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "socket"  # gone meanwhile: say what the refusal says
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode) else "another kind of file"
 
 
 def closed_error() -> ClientClosedError:

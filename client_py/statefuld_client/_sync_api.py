@@ -12,7 +12,7 @@ from statefuld_client._core import READ_METHODS, as_list, linked_pair
 
 
 class SyncAPI:
-    """The methods of SPEC section 2 and 2b; a shell supplies `_call` and `_notify`."""
+    """The daemon's methods (docs/PROTOCOL.md); a shell supplies `_call` and `_notify`."""
 
     __slots__ = ()
 
@@ -191,7 +191,7 @@ class SyncAPI:
         """
         return cast("dict[str, int]", self._call("get_link_service", [ns, uid], timeout_s, True))
 
-    # -- placement (SPEC 2b) ------------------------------------------------------------------------
+    # -- placement --------------------------------------------------------------------------------------
 
     def report_pod_load(self, ns: str, service: str, pod_id: int, load: int, *,
                               timeout_s: float | None = None) -> None:

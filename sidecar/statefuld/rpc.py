@@ -261,8 +261,9 @@ class Dispatcher:
         connection.error_format = error_format
         return _done(None)
 
-    async def _stats(self) -> dict[str, Any]:
-        return self.stats()
+    def _stats(self) -> Awaitable[dict[str, Any]]:
+        # Taken now, before this call is counted in flight: the numbers do not include the asking.
+        return _done(self.stats())
 
 
 def _done(result: Any) -> asyncio.Future[Any]:

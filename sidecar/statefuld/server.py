@@ -18,10 +18,12 @@ import grp
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import ssl
 import stat
+import sys
 from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -272,10 +274,9 @@ class Server:
         how = "systemd-activated socket" if activated else f"socket (mode {self.config.socket_mode:04o})"
         log.info("statefuld ready on %s %s", how, where, extra={"event": "listening"})
         quoted = shlex.quote(where)
-        log.info(
-            "try it: statefuld ping --socket-path %s ; statefuld call --socket-path %s get_linked_pod NS UID SERVICE",
-            quoted, quoted,
-        )
+        command = _statefuld_command()
+        log.info("try it: %s ping --socket-path %s ; %s call --socket-path %s get_linked_pod NS UID SERVICE",
+                 command, quoted, command, quoted)
 
     def _remove_socket_file(self) -> None:
         if self._bound is None:
@@ -364,6 +365,15 @@ async def _watchdog(interval_s: float) -> None:
     while True:
         systemd.notify("WATCHDOG=1")
         await asyncio.sleep(interval_s)
+
+
+def _statefuld_command() -> str:
+    """How to run statefuld from here: by name if PATH finds this one, else by its path (a virtual
+    environment's statefuld is not on PATH unless the environment is activated)."""
+    script = os.path.abspath(sys.argv[0])
+    if os.path.basename(script) != "statefuld":  # python -m statefuld
+        return f"{shlex.quote(sys.executable)} -m statefuld"
+    return "statefuld" if shutil.which("statefuld") == script else shlex.quote(script)
 
 
 def _bind_exit_code(exc: OSError) -> int:

@@ -601,10 +601,13 @@ class SentinelTransport:
             errors.append(f"{address[0]}:{address[1]}: {exc or 'no answer'}")
         if role is not None and _text(role[0]) == "master":
             if not is_current:
+                first = current is None and self.switches == 0
                 self._drop_primary()
                 self._mux = mux
                 self.switches += 1
-                log.warning("Redis primary %r is now %s:%d", self._master_name, url_host(address[0]), address[1])
+                # The first primary found at start is no failover: said at info, not as a warning.
+                log.log(logging.INFO if first else logging.WARNING, "Redis primary %r is %s %s:%d",
+                        self._master_name, "at" if first else "now", url_host(address[0]), address[1])
             return mux
         if role is not None:
             errors.append(f"{address[0]}:{address[1]} is a {_text(role[0])}, not a primary")

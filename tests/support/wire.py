@@ -123,7 +123,7 @@ def rpc_call(socket_path: str, method: str, params: Any, timeout_s: float = 5.0,
 
 
 def in_flight(socket_path: str) -> int:
-    """The daemon's calls in flight now, not counting this `stats` call (stats is never shed)."""
+    """The daemon's calls in flight now (stats is never shed, and does not count itself)."""
     error, stats = rpc_call(socket_path, "stats", [])
     assert error is None, error
-    return int(stats["in_flight"]) - 1
+    return int(stats["in_flight"])
