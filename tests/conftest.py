@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
 import redis
 from support import (
+    TMP_PREFIX,
     Daemon,
     DaemonFactory,
     ExecutorRun,
@@ -31,6 +34,26 @@ METHOD_MODULES = ("test_executor", "test_placement", "test_client.py", "test_pro
 def pytest_configure(config: pytest.Config) -> None:
     if BACKEND not in BACKENDS:
         raise pytest.UsageError(f"SFD_TEST_BACKEND={BACKEND!r}: expected one of {', '.join(BACKENDS)}")
+
+
+def _leftovers() -> set[str]:
+    base = tempfile.gettempdir()
+    return {os.path.join(base, name) for name in os.listdir(base) if name.startswith(TMP_PREFIX)}
+
+
+_BEFORE: set[str] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _BEFORE.update(_leftovers())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A run leaves nothing behind in $TMPDIR: a directory a test made and kept fails the run."""
+    left = sorted(_leftovers() - _BEFORE)
+    if left and exitstatus == 0:
+        session.exitstatus = 1
+        print(f"\nthe tests left {len(left)} directories behind: {', '.join(left[:10])}", file=sys.stderr)
 
 
 def pytest_report_header() -> str:

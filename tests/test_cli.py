@@ -23,10 +23,27 @@ def test_ping_prints_pong(daemon: Daemon) -> None:
 
 
 def test_ping_without_a_daemon_fails_with_a_clear_message() -> None:
-    missing = os.path.join(short_tmpdir(), "nobody.sock")
-    done = statefuld("ping", "--timeout-s", "1", socket_path=missing)
+    directory = short_tmpdir()
+    missing = os.path.join(directory, "nobody.sock")
+    try:
+        done = statefuld("ping", "--timeout-s", "1", socket_path=missing)
+    finally:
+        os.rmdir(directory)
     assert done.returncode == 1
     assert missing in done.stderr
+
+
+def test_methods_lists_every_method_with_its_parameters(daemon: Daemon) -> None:
+    listed = statefuld("methods", socket_path=daemon.socket_path).stdout.splitlines()
+    assert "get_linked_pod ns uid service" in listed and "ping" in listed
+    assert len(listed) == len(set(listed)) >= 20
+    assert "get_linked_pod ns uid service" in statefuld("call", "--help", socket_path=daemon.socket_path).stdout
+
+
+def test_an_argument_read_as_a_number_says_how_to_quote_it(daemon: Daemon) -> None:
+    done = statefuld("call", "get_linked_pod", "game", "12345", "lobby", socket_path=daemon.socket_path)
+    assert done.returncode == 1
+    assert "uid must be a string, got int" in done.stderr and """'"12345"'""" in done.stderr
 
 
 def test_call_takes_json_or_plain_arguments_and_prints_json(daemon: Daemon) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 import typing
@@ -154,14 +155,37 @@ def _client_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _run_client(socket_path: str | None, timeout_s: float, method: str, params: list[Any]) -> Any:
-    from statefuld_client import Client, StatefuldError
+    from statefuld_client import Client, InvalidArgumentError, StatefuldError
 
     try:
         with Client(socket_path=socket_path, timeout_s=timeout_s) as client:
             return client.call(method, *params)
     except StatefuldError as exc:
-        click.echo(f"statefuld: {method}: {exc}", err=True)
+        hint = ""
+        if isinstance(exc, InvalidArgumentError) and re.search(_NOT_A_STRING, exc.message):
+            hint = " (arguments are read as JSON: quote a string of digits, true or null, as '\"12345\"')"
+        click.echo(f"statefuld: {method}: {exc}{hint}", err=True)
         sys.exit(1)
+
+
+# What a JSON-looking argument meant as a string turns into: say how to quote it.
+_NOT_A_STRING = r"must be a string, got (int|float|bool|nil)"
+
+
+def method_list() -> str:
+    """Every method with its parameters, one a line, as `statefuld methods` prints them."""
+    from statefuld.rpc import METHODS  # loads the daemon's modules: only when asked
+
+    return "\n".join(f"{name} {' '.join(method.params)}".rstrip() for name, method in METHODS.items())
+
+
+class _CallCommand(click.Command):
+    """`call --help` ends with the methods and their parameters."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        with formatter.section("Methods (docs/PROTOCOL.md says what each answers)"):
+            formatter.write_text("\b\n" + method_list())
 
 
 @main.command()
@@ -197,7 +221,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
+@main.command()
+def methods() -> None:
+    """List the daemon's methods and their parameters, in the order `call` takes them."""
+    click.echo(method_list())
+
+
+@main.command(cls=_CallCommand, context_settings={"ignore_unknown_options": True})
 @_client_options
 @click.argument("method")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)

@@ -7,6 +7,7 @@ from support.keys import CONTRACT_METHODS, NS, SVC, link_hash_key, link_key, loa
 from support.processes import (
     NOBODY,
     REPO,
+    TMP_PREFIX,
     ClusterInspector,
     Daemon,
     DaemonFactory,
@@ -33,6 +34,7 @@ __all__ = [
     "NS",
     "REPO",
     "SVC",
+    "TMP_PREFIX",
     "ClusterInspector",
     "Daemon",
     "DaemonFactory",

@@ -38,9 +38,16 @@ def redis_server_binary() -> str:
     raise RuntimeError("no redis-server found: install Debian's redis-server (scripts/test does)")
 
 
+# Every directory the tests make starts with this, so that the session can check none is left.
+TMP_PREFIX = "sf"
+
+
 def short_tmpdir(prefix: str = "sfd-") -> str:
-    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
-    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    """A new private directory in $TMPDIR, or in /tmp where $TMPDIR is too long for the sockets
+    made in it (AF_UNIX paths hold 107 bytes; pytest's tmp_path can be longer)."""
+    assert prefix.startswith(TMP_PREFIX)
+    base = tempfile.gettempdir()
+    return tempfile.mkdtemp(prefix=prefix, dir=base if len(base) <= 40 else "/tmp")
 
 
 def rss_kib(pid: int) -> int:
