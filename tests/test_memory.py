@@ -41,11 +41,19 @@ def test_idle_connections_cost_a_few_kib_each_and_give_it_back(own_redis: RedisS
     daemon = start(Daemon(own_redis.url))
     assert daemon.proc is not None
     pid = daemon.proc.pid
+    observer = RawClient(daemon.socket_path)
+    msgids = iter(range(1, 10_000))
+
+    def open_connections() -> int:
+        error, result = observer.call(next(msgids), "stats", [])
+        assert error is None
+        return int(result["connections"])
+
     for _ in range(3):  # warm up: the allocator's arenas, the loop's structures
         for s in connections(daemon.socket_path, 200):
             s.sendall(msgpack.packb([0, 1, "ping", []]))
             s.close()
-    wait_for(lambda: stats(daemon)["connections"] == 1, what="the warm-up connections gone (but this call's)")
+    wait_for(lambda: open_connections() == 1, what="the warm-up connections gone (but the observer)")
     base_rss, base_fds = rss_kib(pid), fd_count(pid)
     socks = connections(daemon.socket_path, 1000)
     try:
@@ -54,7 +62,8 @@ def test_idle_connections_cost_a_few_kib_each_and_give_it_back(own_redis: RedisS
     finally:
         for s in socks:
             s.close()
-    wait_for(lambda: fd_count(pid) <= base_fds + 1, what="the connections closed")
+    wait_for(lambda: fd_count(pid) <= base_fds, what="the connections closed")
+    observer.close()
     assert grown_kib < 16 * 1000, f"1,000 idle connections took {grown_kib} KiB"
     assert rss_kib(pid) - base_rss < 8 * 1024, "the memory of closed connections was kept"
 
@@ -122,3 +131,25 @@ def test_connections_past_the_bound_are_closed_at_once(own_redis: RedisServer, s
         for s in held:
             s.close()
     assert "--max-connections" in daemon.log()
+
+
+def test_connections_that_call_and_go_leave_no_memory_behind(own_redis: RedisServer, start: Start) -> None:
+    daemon = start(Daemon(own_redis.url))
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    request = msgpack.packb([0, 1, "get_linked_pod", ["game", "alice", "lobby"]])
+
+    def cycles(count: int) -> None:
+        for _ in range(count // 64):  # 64 at a time: connect, call, read the reply, close
+            socks = connections(daemon.socket_path, 64)
+            for s in socks:
+                s.sendall(request)
+            for s in socks:
+                assert msgpack.unpackb(s.recv(100)) == [1, 1, None, None]
+                s.close()
+
+    cycles(640)  # warm up
+    base_rss = rss_kib(pid)
+    cycles(4000)
+    wait_for(lambda: stats(daemon)["connections"] <= 2, what="the connections closed")
+    assert rss_kib(pid) - base_rss < 8 * 1024, f"{rss_kib(pid) - base_rss} KiB kept after 4,000 connections"
