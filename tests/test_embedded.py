@@ -172,3 +172,4 @@ def test_redis_7_files_are_refused_by_an_older_embedded_redis(data_dir: str, tmp
     daemon.start(wait=False)
     assert daemon.wait(15) == 78
     assert "holds the files of Redis 7 or newer" in daemon.log()
+

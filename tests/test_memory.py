@@ -103,6 +103,7 @@ def test_incomplete_messages_are_bounded_across_connections(own_redis: RedisServ
         for s in senders:
             s.close()
     wait_for(lambda: stats(daemon)["buffered_bytes"] == 0, what="the held bytes released")
+    assert rss_kib(pid) - base_rss < 8 * 1024, "the memory of the closed connections was kept"
     assert "--max-buffered-bytes" in daemon.log()
 
 

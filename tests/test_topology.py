@@ -175,7 +175,8 @@ def test_a_daemon_starts_and_serves_with_ipv6_sentinels() -> None:
         assert procs.primary.client().get(link("v6")) == "6"
 
 
-def test_sentinel_follows_the_primary_with_an_acl_user() -> None:
+def test_sentinel_follows_the_primary_with_an_acl_user(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     with running(RedisSentinelProcs(acl=ACL)) as procs:
         async def body() -> Any:
             ex = await connect(procs.url, redis_username="alice", redis_password="s3cret")
@@ -189,6 +190,10 @@ def test_sentinel_follows_the_primary_with_an_acl_user() -> None:
         assert health == {"ready": True, "redis": "ok"}
         assert f"primary: 127.0.0.1:{procs.primary.port}" in described
         assert procs.primary.client().get(f"sf:{{{NS}:workload:{SVC}}}") == "Serving"
+        # The primary found at start is said at info: no warning that reads like a failover.
+        found = [r for r in caplog.records if r.getMessage().startswith("Redis primary")]
+        assert [(r.levelname, r.getMessage()) for r in found] == [
+            ("INFO", f"Redis primary 'mymaster' is at 127.0.0.1:{procs.primary.port}")]
 
 
 # --- failover under load ---------------------------------------------------------------------
