@@ -22,7 +22,18 @@ from typing import Any
 import msgpack
 import pytest
 import redis
-from support import Daemon, RawClient, RedisServer, fd_count, rpc_call, rss_kib, run_async, running, wait_for
+from support import (
+    Daemon,
+    RawClient,
+    RedisServer,
+    fd_count,
+    open_sockets,
+    rpc_call,
+    rss_kib,
+    run_async,
+    running,
+    wait_for,
+)
 
 from statefuld_client import (
     AsyncClient,
@@ -353,15 +364,6 @@ def test_script_flush_under_load_is_invisible_to_callers() -> None:
 # --- clients that vanish, pile up, or never read --------------------------------------------------
 
 
-def open_connections(path: str, count: int) -> list[socket.socket]:
-    socks = []
-    for _ in range(count):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(5)
-        s.connect(path)
-        socks.append(s)
-    return socks
-
 
 def timed_get(client: RawClient) -> float:
     """get_linked_pod r1 (linked to 1) on a raw connection: check the answer, return the latency."""
@@ -402,7 +404,7 @@ def test_vanishing_and_idle_clients_and_a_non_reader_leave_memory_and_fds_bounde
             latencies.append(timed_get(bystander))
 
         for _ in range(3):  # warm up: imports, buffers, the allocator's arenas
-            socks = open_connections(path, 100)
+            socks = open_sockets(path, 100)
             for s in socks:
                 s.sendall(msgpack.packb([0, 1, "get_linked_pod", [NS, "r1", SVC]]))
             for s in socks:
@@ -412,7 +414,7 @@ def test_vanishing_and_idle_clients_and_a_non_reader_leave_memory_and_fds_bounde
         base_rss, base_fds = rss_kib(pid), fd_count(pid)
 
         # 1,000 connections open at once, then dropped.
-        socks = open_connections(path, 1000)
+        socks = open_sockets(path, 1000)
         try:
             wait_for(lambda: fd_count(pid) >= base_fds + 1000, timeout_s=5, what="1,000 connections accepted")
             bystander_ok()
@@ -424,7 +426,7 @@ def test_vanishing_and_idle_clients_and_a_non_reader_leave_memory_and_fds_bounde
         # Clients vanishing mid-request: pipelined requests then gone, or gone mid-message.
         whole = b"".join(msgpack.packb([0, i, "set_linked_pod", [NS, f"gone{i}", SVC, i, -1]]) for i in range(20))
         half = msgpack.packb([0, 1, "set_linked_pod", [NS, "half", SVC, 1, -1]])[:20]
-        for n, s in enumerate(open_connections(path, 300)):
+        for n, s in enumerate(open_sockets(path, 300)):
             with s:
                 s.sendall(whole if n % 2 else half)
         bystander_ok()

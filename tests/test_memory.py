@@ -4,12 +4,11 @@ number of connections is bounded (--max-connections), and memory returns when th
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 
 import msgpack
 import pytest
-from support import Daemon, RawClient, RedisServer, fd_count, rpc_call, rss_kib, wait_for
+from support import Daemon, RawClient, RedisServer, fd_count, open_sockets, rpc_call, rss_kib, wait_for
 
 Start = Callable[[Daemon], Daemon]
 
@@ -19,15 +18,6 @@ def stats(daemon: Daemon) -> dict[str, object]:
     assert error is None
     return dict(result)
 
-
-def connections(path: str, count: int) -> list[socket.socket]:
-    socks = []
-    for _ in range(count):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(5)
-        s.connect(path)
-        socks.append(s)
-    return socks
 
 
 @pytest.fixture
@@ -50,12 +40,12 @@ def test_idle_connections_cost_a_few_kib_each_and_give_it_back(own_redis: RedisS
         return int(result["connections"])
 
     for _ in range(3):  # warm up: the allocator's arenas, the loop's structures
-        for s in connections(daemon.socket_path, 200):
+        for s in open_sockets(daemon.socket_path, 200):
             s.sendall(msgpack.packb([0, 1, "ping", []]))
             s.close()
     wait_for(lambda: open_connections() == 1, what="the warm-up connections gone (but the observer)")
     base_rss, base_fds = rss_kib(pid), fd_count(pid)
-    socks = connections(daemon.socket_path, 1000)
+    socks = open_sockets(daemon.socket_path, 1000)
     try:
         wait_for(lambda: fd_count(pid) >= base_fds + 1000, what="1,000 connections accepted")
         grown_kib = rss_kib(pid) - base_rss
@@ -80,7 +70,7 @@ def test_incomplete_messages_are_bounded_across_connections(own_redis: RedisServ
     pid = daemon.proc.pid
     base_rss = rss_kib(pid)
     part = incomplete_message(1_000_000, 700_000)  # under --max-message-bytes (1 MiB): not malformed
-    senders = connections(daemon.socket_path, 12)
+    senders = open_sockets(daemon.socket_path, 12)
     try:
         for n, s in enumerate(senders, 1):
             try:
@@ -110,7 +100,7 @@ def test_incomplete_messages_are_bounded_across_connections(own_redis: RedisServ
 def test_connections_past_the_bound_are_closed_at_once(own_redis: RedisServer, start: Start) -> None:
     daemon = start(Daemon(own_redis.url, args=["--max-connections", "20"]))
     observer = RawClient(daemon.socket_path)
-    held = connections(daemon.socket_path, 19)
+    held = open_sockets(daemon.socket_path, 19)
     msgids = iter(range(1, 100))
 
     def seen() -> dict[str, int]:
@@ -142,7 +132,7 @@ def test_connections_that_call_and_go_leave_no_memory_behind(own_redis: RedisSer
 
     def cycles(count: int) -> None:
         for _ in range(count // 64):  # 64 at a time: connect, call, read the reply, close
-            socks = connections(daemon.socket_path, 64)
+            socks = open_sockets(daemon.socket_path, 64)
             for s in socks:
                 s.sendall(request)
             for s in socks:

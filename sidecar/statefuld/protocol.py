@@ -106,6 +106,44 @@ class MalformedMessage(Exception):
     """The peer broke the protocol; its connection is closed."""
 
 
+def parse_message(message: Any) -> tuple[int | None, str, list[Any]]:
+    """(msgid, method, params) of a request, msgid None for a notification; raises
+    MalformedMessage for anything else (docs/PROTOCOL.md, "Limits and closed connections")."""
+    if type(message) is not list:
+        raise MalformedMessage(f"a message must be an array, got {type(message).__name__}")
+    size = len(message)
+    kind = message[0] if size else None
+    if size == 4 and type(kind) is int and kind == REQUEST:  # type(): bool and float equal 0 too
+        _, msgid, method, params = message
+        if type(msgid) is float and msgid.is_integer():  # encoders that write large ints as floats
+            msgid = int(msgid)
+        if type(msgid) is not int or not 0 <= msgid <= MAX_MSGID:
+            raise MalformedMessage("request msgid is not a uint32")
+    elif size == 3 and type(kind) is int and kind == NOTIFICATION:
+        msgid = None
+        _, method, params = message
+    else:
+        raise MalformedMessage(f"not a request [0, msgid, method, params] or notification [2, method, params]: "
+                               f"array of {size} starting with {kind!r:.100}")
+    return msgid, _method_name(method), _params(params)
+
+
+def _method_name(method: Any) -> str:
+    if type(method) is str:
+        return method
+    if type(method) is bytes:  # some old msgpack-rpc clients send the name as bin
+        return method.decode("utf-8", "surrogateescape")
+    raise MalformedMessage("method name is not a string")
+
+
+def _params(params: Any) -> list[Any]:
+    if params is None:  # clients that send nil for "no arguments"
+        return []
+    if type(params) is not list:
+        raise MalformedMessage("params is not an array")
+    return params
+
+
 class RpcProtocol(asyncio.Protocol):
     def __init__(self, shared: Connections) -> None:
         self._shared = shared
@@ -324,32 +362,7 @@ class RpcProtocol(asyncio.Protocol):
         return True
 
     def _on_message(self, message: Any, read_at: float) -> None:
-        if type(message) is not list:
-            raise MalformedMessage(f"a message must be an array, got {type(message).__name__}")
-        size = len(message)
-        kind = message[0] if size else None
-        if type(kind) is not int:  # bool and float compare equal to 0 and 2: refuse them
-            kind = None
-        if size == 4 and kind == REQUEST:
-            _, msgid, method, params = message
-            if type(msgid) is float and msgid.is_integer():  # encoders that write large ints as floats
-                msgid = int(msgid)
-            if type(msgid) is not int or not 0 <= msgid <= MAX_MSGID:
-                raise MalformedMessage("request msgid is not a uint32")
-        elif size == 3 and kind == NOTIFICATION:
-            msgid = None
-            _, method, params = message
-        else:
-            raise MalformedMessage(f"not a request [0, msgid, method, params] or notification [2, method, params]: "
-                                   f"array of {size} starting with {(message[0] if size else None)!r:.100}")
-        if type(method) is not str:
-            if type(method) is not bytes:  # some old msgpack-rpc clients send the name as bin
-                raise MalformedMessage("method name is not a string")
-            method = method.decode("utf-8", "surrogateescape")
-        if params is None:  # clients that send nil for "no arguments"
-            params = []
-        elif type(params) is not list:
-            raise MalformedMessage("params is not an array")
+        msgid, method, params = parse_message(message)
         self._pending += 1
         assert self._session is not None
         self._session.submit(msgid, method, params, read_at)

@@ -601,19 +601,22 @@ class SentinelTransport:
             errors.append(f"{address[0]}:{address[1]}: {exc or 'no answer'}")
         if role is not None and _text(role[0]) == "master":
             if not is_current:
-                first = current is None and self.switches == 0
-                self._drop_primary()
-                self._mux = mux
-                self.switches += 1
-                # The first primary found at start is no failover: said at info, not as a warning.
-                log.log(logging.INFO if first else logging.WARNING, "Redis primary %r is %s %s:%d",
-                        self._master_name, "at" if first else "now", url_host(address[0]), address[1])
+                self._switch_to(mux, address)
             return mux
         if role is not None:
             errors.append(f"{address[0]}:{address[1]} is a {_text(role[0])}, not a primary")
         if not is_current:
             self._background.start(mux.close())
         return None
+
+    def _switch_to(self, mux: RedisMux, address: Address) -> None:
+        first = self._mux is None and self.switches == 0
+        self._drop_primary()
+        self._mux = mux
+        self.switches += 1
+        # The first primary found at start is no failover: said at info, not as a warning.
+        log.log(logging.INFO if first else logging.WARNING, "Redis primary %r is %s %s:%d",
+                self._master_name, "at" if first else "now", url_host(address[0]), address[1])
 
     def _drop_primary(self) -> None:
         # Calls fail fast (and ask again) until a verified primary is found.

@@ -63,6 +63,17 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def open_sockets(socket_path: str, count: int) -> list[socket.socket]:
+    """``count`` plain connections to a Unix socket (5 s timeouts); the caller closes them."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(socket_path)
+        socks.append(s)
+    return socks
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
