@@ -159,8 +159,8 @@ def test_refusals_over_a_value_that_is_not_a_pod_id_change_nothing(with_executor
 
 
 def test_a_value_that_is_not_a_pod_id_over_the_wire(daemon: Daemon, redis_db: redis.Redis) -> None:
-    # set_linked_pod goes through the daemon's hot path (its reply decoded in redis_mux's read),
-    # and after a SCRIPT FLUSH through the full path: both answer the completed write with nil.
+    # set_linked_pod's reply is decoded in redis_mux's read, and after a SCRIPT FLUSH that of the
+    # EVAL that took over (scripts.py's recover): both answer the completed write with nil.
     for flush in (False, True):
         redis_db.set(LINK, "abc")
         if flush:
