@@ -17,7 +17,6 @@ import click
 from statefuld import __version__
 from statefuld.config import Config, option_envvars, option_fields, unknown_envvar
 from statefuld.errors import EXIT_CONFIG, EXIT_USAGE
-from statefuld.metrics import BOUNDS_S, quantile_ms
 from statefuld_client._paths import SOCKET_ENVS
 
 
@@ -299,6 +298,8 @@ def _get_stats(client: Any, error: type[Exception]) -> dict[str, Any]:
 def stats_table(snap: dict[str, Any], previous: dict[str, Any] | None = None, interval_s: float | None = None) -> str:
     """The `statefuld stats` table. With a previous snapshot: rates, quantiles and errors over the
     interval between the two; else averages since the daemon started."""
+    from statefuld.metrics import BOUNDS_S, quantile_ms  # the probes' commands need none of it
+
     uptime_s = max(float(snap.get("uptime_s", 0.0)), 1e-9)
     if previous is None:
         since, seconds, span = None, uptime_s, "since start"
