@@ -283,7 +283,7 @@ class AsyncClient(AsyncAPI):
             return
         for future in conn.pending.values():
             if not future.done():
-                future.set_exception(core.Lost())  # the call sees the client closed: core.Attempts.failed says so
+                future.set_exception(core.Lost())  # the call sees the client closed: core.retry_or_raise says so
         conn.pending.clear()
         conn._flush()
         conn.transport.close()
@@ -296,7 +296,7 @@ class AsyncClient(AsyncAPI):
 
     async def _call(self, method: str, params: list[Any], timeout_s: float | None, is_read: bool) -> Any:
         loop = asyncio.get_running_loop()
-        attempts = core.Attempts(method, is_read, self.socket_path)
+        retried = False
         # A call with the client's default timeout has no timer of its own: the connection's sweep
         # expires it (see _Connection). Its deadline is known only once it is sent, or resent.
         deadline = None if timeout_s is None else loop.time() + timeout_s
@@ -321,7 +321,7 @@ class AsyncClient(AsyncAPI):
             except _Expired:
                 raise core.timed_out(method, self.timeout_s if timeout_s is None else timeout_s) from None
             except (core.NotSent, core.Lost) as exc:
-                attempts.failed(exc, self._closed)
+                retried = core.retry_or_raise(exc, method, is_read, self.socket_path, retried, self._closed)
                 if deadline is None:  # a retry keeps the first attempt's deadline
                     deadline = conn.sent_at_or_after(msgid) + self.timeout_s
             finally:
@@ -335,14 +335,14 @@ class AsyncClient(AsyncAPI):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
         payload = self._encoder.notification(method, params)
-        attempts = core.Attempts(method, False, self.socket_path)
+        retried = False
         while True:
             conn = await self._ready_connection(loop, method, deadline)
             try:
                 conn.send(payload, -1)
                 return
             except core.NotSent as exc:
-                attempts.failed(exc, self._closed)
+                retried = core.retry_or_raise(exc, method, False, self.socket_path, retried, self._closed)
 
     # -- internals --------------------------------------------------------------------------------------
 

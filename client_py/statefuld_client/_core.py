@@ -211,28 +211,16 @@ class Lost(Exception):
     """The connection broke after the request was sent: the daemon may have run it."""
 
 
-class Attempts:
-    """The retry rule of one call. A request that never reached the daemon is sent once more,
-    whatever the method; one that may have reached it, only if it is a read (running a read twice
-    changes nothing; a write's first copy may have run). One retry at most, then the loss is raised."""
-
-    __slots__ = ("_is_read", "_method", "_path", "_retried")
-
-    def __init__(self, method: str, is_read: bool, path: str) -> None:
-        self._method = method
-        self._is_read = is_read
-        self._path = path
-        self._retried = False
-
-    def failed(self, exc: NotSent | Lost, closed: bool) -> None:
-        """Return to try once more; else raise what the caller sees (chained to the cause)."""
-        if closed:
-            raise ClientClosedError(f"{self._method}: the client was closed during the call") from exc.__cause__
-        if not self._retried and (isinstance(exc, NotSent) or self._is_read):
-            self._retried = True
-            return
-        raise ConnectionLostError(
-            f"{self._method}: the connection to the daemon at {self._path} was lost") from exc.__cause__
+def retry_or_raise(exc: NotSent | Lost, method: str, is_read: bool, path: str, retried: bool, closed: bool) -> bool:
+    """The retry rule of one call, after its attempt failed with ``exc``: returns True to send it
+    once more, else raises what the caller sees (chained to the cause). A request that never
+    reached the daemon is sent once more, whatever the method; one that may have reached it, only
+    if it is a read (running a read twice changes nothing; a write's first copy may have run)."""
+    if closed:
+        raise ClientClosedError(f"{method}: the client was closed during the call") from exc.__cause__
+    if not retried and (isinstance(exc, NotSent) or is_read):
+        return True
+    raise ConnectionLostError(f"{method}: the connection to the daemon at {path} was lost") from exc.__cause__
 
 
 # --- fork -------------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ class Client(SyncAPI):
         if self._closed or not self._lock.acquire(False):  # uncontended: no timed wait
             self._acquire(method, deadline)
         try:
-            attempts = core.Attempts(method, is_read, self.socket_path)
+            retried = False
             while True:
                 sock = self._sock or self._connect(method, deadline)
                 msgid = self._msgids.next()
@@ -117,7 +117,7 @@ class Client(SyncAPI):
                     return core.unwrap(self._receive(sock, msgid, method, timeout_s, deadline))
                 except (core.NotSent, core.Lost) as exc:
                     self._drop()
-                    attempts.failed(exc, self._closed)
+                    retried = core.retry_or_raise(exc, method, is_read, self.socket_path, retried, self._closed)
         finally:
             self._lock.release()
 
@@ -126,7 +126,7 @@ class Client(SyncAPI):
         self._acquire(method, deadline)
         try:
             payload = self._encoder.notification(method, params)
-            attempts = core.Attempts(method, False, self.socket_path)
+            retried = False
             while True:
                 sock = self._sock or self._connect(method, deadline)
                 try:
@@ -134,7 +134,7 @@ class Client(SyncAPI):
                     return
                 except core.NotSent as exc:
                     self._drop()
-                    attempts.failed(exc, self._closed)
+                    retried = core.retry_or_raise(exc, method, False, self.socket_path, retried, self._closed)
         finally:
             self._lock.release()
 
