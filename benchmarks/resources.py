@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import msgpack
-from support import Daemon, MessageReader, RedisServer, rss_kib, short_tmpdir
+from support import Daemon, MessageReader, RedisServer, rss_kib, running, short_tmpdir
 
 PARAMS = {"ping": [], "get_linked_pod": ["bench", "user-1", "lobby"]}
 
@@ -57,9 +57,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--method", choices=sorted(PARAMS), default="ping")
     args = parser.parse_args()
-    redis_server = RedisServer(dir=short_tmpdir("sfb-")).start()
-    daemon = Daemon(redis_server.url, args=["--log-level", "warning"]).start()
-    try:
+    with running(RedisServer(dir=short_tmpdir("sfb-"))) as redis_server, \
+            running(Daemon(redis_server.url, args=["--log-level", "warning"])) as daemon:
         assert daemon.proc is not None
         pid = daemon.proc.pid
         time.sleep(3)
@@ -83,9 +82,6 @@ def main() -> int:
         print(f"idle VmRSS {idle_kib / 1024:.1f} MiB; under load ({args.method}, 64 connections x 16 pipelined): "
               f"{requests / elapsed:,.0f} requests/s, peak VmRSS {peak_kib / 1024:.1f} MiB, "
               f"CPU {cpu / elapsed:.2f} of a core")
-    finally:
-        daemon.cleanup()
-        redis_server.cleanup()
     return 0
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from support import Daemon, RedisServer, short_tmpdir
+from support import Daemon, RedisServer, running, short_tmpdir
 
 from statefuld_client import Client
 
@@ -47,9 +47,7 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    redis_server = RedisServer(dir=short_tmpdir("sfb-")).start()
-    daemon = Daemon(redis_server.url).start()
-    try:
+    with running(RedisServer(dir=short_tmpdir("sfb-"))) as redis_server, running(Daemon(redis_server.url)) as daemon:
         shared = Client(daemon.socket_path)
         own = [Client(daemon.socket_path) for _ in range(args.threads)]
         rows: dict[str, list[float]] = {"1 thread": [], f"{args.threads} threads, one shared Client": [],
@@ -61,9 +59,6 @@ def main() -> int:
         for name, times in rows.items():
             print(f"{name}: {statistics.median(times):.2f} s for {args.calls} calls (runs: "
                   + ", ".join(f"{t:.2f}" for t in times) + ")")
-    finally:
-        daemon.cleanup()
-        redis_server.cleanup()
     return 0
 
 
