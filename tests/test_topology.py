@@ -182,6 +182,7 @@ def test_sentinel_follows_the_primary_with_an_acl_user(caplog: pytest.LogCapture
             ex = await connect(procs.url, redis_username="alice", redis_password="s3cret")
             try:
                 await ex.set_workload_state(NS, SVC, "Serving")
+                assert transport_of(ex).stats()["switches"] == 0  # finding the primary is no failover
                 return transport_of(ex).describe(), await ex.health()
             finally:
                 await ex.close()

@@ -506,6 +506,7 @@ class SentinelTransport:
         self._retired = _Retired(self._background)
         self._periodic: asyncio.Task[None] | None = None
         self._closed = False
+        self._found_one = False
         self.switches = 0
 
     # --- routing -----------------------------------------------------------------------------
@@ -610,11 +611,14 @@ class SentinelTransport:
         return None
 
     def _switch_to(self, mux: RedisMux, address: Address) -> None:
-        first = self._mux is None and self.switches == 0
+        first = self._mux is None and not self._found_one
+        self._found_one = True
         self._drop_primary()
         self._mux = mux
-        self.switches += 1
-        # The first primary found at start is no failover: said at info, not as a warning.
+        # The first primary found at start is no failover: not counted as a switch, and said at
+        # info, not as a warning.
+        if not first:
+            self.switches += 1
         log.log(logging.INFO if first else logging.WARNING, "Redis primary %r is %s %s:%d",
                 self._master_name, "at" if first else "now", url_host(address[0]), address[1])
 
