@@ -95,13 +95,29 @@ async def _closed_first_async(client: AsyncClient) -> Any:
     return await client.ping()
 
 
+# Set by the peer once a request has reached it: the call is then waiting for its reply.
+REQUEST_ARRIVED = threading.Event()
+
+
+def note_and_never_answer(peer: Peer, conn_no: int, message: list[Any], conn: socket.socket) -> None:
+    REQUEST_ARRIVED.set()
+
+
 def _close_during_sync(client: Client) -> Any:
-    threading.Timer(0.1, client.close).start()
+    REQUEST_ARRIVED.clear()
+    threading.Thread(target=lambda: (REQUEST_ARRIVED.wait(5), client.close())).start()
     return client.get_linked_pod("g", "u", "s", timeout_s=5)
 
 
 async def _close_during_async(client: AsyncClient) -> Any:
-    asyncio.get_running_loop().call_later(0.1, lambda: asyncio.ensure_future(client.aclose()))
+    REQUEST_ARRIVED.clear()
+    loop = asyncio.get_running_loop()
+
+    def close_once_arrived() -> None:
+        REQUEST_ARRIVED.wait(5)
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(client.aclose()))
+
+    threading.Thread(target=close_once_arrived).start()
     return await client.get_linked_pod("g", "u", "s", timeout_s=5)
 
 
@@ -121,7 +137,8 @@ FAULTS: dict[str, tuple[Callable[[], Any], Callable[[Any], Any], Callable[[Any],
                                       lambda c: c.get_linked_pod("g", "u", "s")),
     "garbage from the peer": (lambda: scripted(garbage), lambda c: c.ping(), lambda c: c.ping()),
     "closed client": (no_daemon, lambda c: (c.close(), c.ping()), _closed_first_async),
-    "closed during the call": (lambda: scripted(never_answer), _close_during_sync, _close_during_async),
+    "closed during the call": (lambda: scripted(note_and_never_answer), _close_during_sync,
+                               _close_during_async),
 }
 
 

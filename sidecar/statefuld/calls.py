@@ -69,7 +69,7 @@ class Calls:
 
     # --- deadlines -------------------------------------------------------------------------------
 
-    def _admit(self, call: Call) -> None:
+    def admit(self, call: Call) -> None:
         self.in_flight[call] = None
         if not self._sweeping:
             # One timer for all calls, not one per call: a timer each costs more than the rest of
@@ -167,7 +167,7 @@ class Session:
         future = pending if isinstance(pending, asyncio.Future) else asyncio.ensure_future(pending)
         call.pending = future
         call.read_at = read_at
-        calls._admit(call)
+        calls.admit(call)
         future.add_done_callback(call._work_done)
 
 
