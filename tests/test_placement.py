@@ -99,10 +99,10 @@ def test_report_pod_load_writes_load_and_redis_time(with_executor: ExecutorRun, 
 # --- compute_linked_pod ----------------------------------------------------------------------------
 
 
-def test_an_existing_link_is_returned_untouched(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
-    # Eligible pods exist, but the users' links point at pods that are not even routable.
-    seed_pods(redis_db, {1: "Ready", 2: "Draining"}, {1: 0, 2: 0})
-    redis_db.set(link("temp"), "9", ex=100)  # pod 9 has no state at all
+def test_a_link_to_an_alive_pod_is_returned_untouched(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    # Eligible pods exist, but the users' links point at alive pods that are not even routable.
+    seed_pods(redis_db, {1: "Ready", 2: "Draining", 9: "Starting"}, {1: 0, 2: 0})
+    redis_db.set(link("temp"), "9", ex=100)  # pod 9 never reported a load: alive while its state is
     redis_db.set(link("pers"), "2")
     redis_db.hset("sf:{game:lk:pers}", SVC, "2")
     before = snapshot(redis_db)
@@ -182,7 +182,7 @@ def test_a_report_goes_stale_after_the_bound(with_executor: ExecutorRun, redis_d
         await ex.report_pod_load(NS, SVC, 1, 0)  # the pod's next report makes it eligible again
         return fresh, stale, await ex.compute_linked_pod(NS, "late", SVC, -1)
 
-    assert with_executor(body, load_stale_ms=300) == (1, None, 1)
+    assert with_executor(body, load_stale_ms=300, heartbeat_ms=100) == (1, None, 1)
 
 
 # pick_pod.lua's own text run inside a wrapper that writes pod 1's report ARGV[1] ms before
@@ -195,7 +195,7 @@ redis.call('HSET', KEYS[2], '1', '0:' .. (before - tonumber(ARGV[1])))
 local function pick(KEYS, ARGV)
 %s
 end
-local picked = pick(KEYS, {unpack(ARGV, 2)})
+local picked = pick(KEYS, {'', unpack(ARGV, 2)})
 if ms() ~= before then return 'retry' end
 return picked or 'none'
 """
@@ -207,7 +207,7 @@ def test_a_report_must_be_fresher_than_the_bound(age_ms: int, expected: str, red
     wrapper = _AT_AGE % (scripts_dir() / "pick_pod.lua").read_text()
     redis_db.hset(STATES, "1", "Ready")
     for _ in range(100):  # a millisecond tick during the script is rare; retried, never judged
-        reply = redis_db.eval(wrapper, 2, STATES, LOADS, age_ms, 1000, 0.5, 0.5, "Ready")
+        reply = redis_db.eval(wrapper, 2, STATES, LOADS, age_ms, 1000, 30_000, 0.5, 0.5, 1, "Ready", "Down")
         if reply != "retry":
             break
     assert reply == expected
@@ -225,7 +225,7 @@ def _spread(with_executor: ExecutorRun, loads: dict[int, int], users: int) -> co
         return collections.Counter(picked)
 
     # A stale bound far above the test's run time: the reports must not age out halfway.
-    result: collections.Counter[int | None] = with_executor(body, load_stale_ms=600_000)
+    result: collections.Counter[int | None] = with_executor(body, load_stale_ms=600_000, gone_after_ms=1_200_000)
     return result
 
 
@@ -319,8 +319,10 @@ def test_report_pod_load_as_a_notification(daemon: Daemon, redis_db: redis.Redis
 
 
 WITH_OPTIONS: dict[str, Callable[[], dict[str, Any]]] = {
-    "options": lambda: {"args": ["--routable-state", "Ready", "--routable-state", "Warm", "--load-stale-ms", "400"]},
-    "environment": lambda: {"env": {"STATEFULD_ROUTABLE_STATE": "Ready Warm", "STATEFULD_LOAD_STALE_MS": "400"}},
+    "options": lambda: {"args": ["--routable-state", "Ready", "--routable-state", "Warm", "--load-stale-ms", "400",
+                                 "--heartbeat-ms", "100"]},
+    "environment": lambda: {"env": {"STATEFULD_ROUTABLE_STATE": "Ready Warm", "STATEFULD_LOAD_STALE_MS": "400",
+                                    "STATEFULD_HEARTBEAT_MS": "100"}},
 }
 
 
@@ -339,3 +341,105 @@ def test_routable_states_and_staleness_are_configurable(how: str, redis_server: 
     wait_until_reports_are_older_than(redis_db, 400)
     assert rpc_call(daemon.socket_path, "compute_linked_pod", [NS, "late", SVC, -1]) == (None, None)
     assert not redis_db.exists(link("late"))
+
+
+# --- route_user (SPEC section 2c) -------------------------------------------------------------------
+
+
+def route(with_executor: ExecutorRun, uid: str, persist_seconds: int = -1, **config: Any) -> dict[str, Any]:
+    result: dict[str, Any] = with_executor(lambda ex: ex.route_user(NS, uid, SVC, persist_seconds), **config)
+    return result
+
+
+def test_route_user_places_keeps_and_moves(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    seed_pods(redis_db, {1: "Ready"}, {1: 0})
+    assert route(with_executor, "alice") == {"pod_id": 1, "previous": None, "outcome": "placed"}
+    assert route(with_executor, "alice") == {"pod_id": 1, "previous": 1, "outcome": "kept"}
+
+    # Pod 1 goes Down, pod 2 is ready: alice moves, once; the move is persistent as asked.
+    seed_pods(redis_db, {1: "Down", 2: "Ready"}, {2: 0})
+    loads_before = loads_of(redis_db, ("2",))
+    assert route(with_executor, "alice", 60) == {"pod_id": 2, "previous": 1, "outcome": "moved"}
+    assert redis_db.get(link("alice")) == "2" and 59 <= redis_db.ttl(link("alice")) <= 60
+    assert not redis_db.exists("sf:{game:lk:alice}")
+    assert loads_of(redis_db, ("2",))["2"][0] == loads_before["2"][0] + 1
+    assert route(with_executor, "alice") == {"pod_id": 2, "previous": 2, "outcome": "kept"}
+
+
+@pytest.mark.parametrize("gone", ["no state", "gone state", "old report"])
+def test_a_user_of_a_gone_pod_moves(gone: str, with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    seed_pods(redis_db, {2: "Ready"}, {2: 0})
+    if gone == "gone state":
+        seed_pods(redis_db, {1: "Down"}, {1: 0})
+    elif gone == "old report":
+        seed_pods(redis_db, {1: "Ready"}, {1: 0}, age_ms=2_000)  # --gone-after-ms 2000 below
+    redis_db.set(link("bob"), "1")
+    redis_db.hset("sf:{game:lk:bob}", SVC, "1")
+
+    routed = route(with_executor, "bob", -1, load_stale_ms=1_000, gone_after_ms=2_000, heartbeat_ms=100)
+    assert routed == {"pod_id": 2, "previous": 1, "outcome": "moved"}
+    assert redis_db.get(link("bob")) == "2" and redis_db.ttl(link("bob")) == -1
+    assert redis_db.hgetall("sf:{game:lk:bob}") == {SVC: "2"}
+
+
+@pytest.mark.parametrize("alive", ["draining", "stale for new users", "never reported", "other tool's report"])
+def test_a_user_of_an_alive_pod_stays_and_nothing_is_written(alive: str, with_executor: ExecutorRun,
+                                                           redis_db: redis.Redis) -> None:
+    seed_pods(redis_db, {2: "Ready"}, {2: 0})
+    if alive == "draining":
+        seed_pods(redis_db, {1: "Draining"}, {1: 0})
+    elif alive == "stale for new users":  # older than --load-stale-ms, younger than --gone-after-ms
+        seed_pods(redis_db, {1: "Ready"}, {1: 0}, age_ms=1_500)
+    elif alive == "never reported":  # an application that only sets states, as with the old executors
+        seed_pods(redis_db, {1: "Ready"}, {})
+    else:
+        seed_pods(redis_db, {1: "Ready"}, {})
+        redis_db.hset(LOADS, "1", "busy")
+    redis_db.set(link("bob"), "1", ex=100)
+    before, writes = snapshot(redis_db), write_counts(redis_db)
+
+    routed = route(with_executor, "bob", -1, load_stale_ms=1_000, gone_after_ms=2_000, heartbeat_ms=100)
+    assert routed == {"pod_id": 1, "previous": 1, "outcome": "kept"}
+    assert snapshot(redis_db) == before  # no TTL reset, no load counted
+    assert write_counts(redis_db) == writes
+
+
+def test_a_draining_pod_gets_no_new_users(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    seed_pods(redis_db, {1: "Draining", 2: "Ready"}, {1: 0, 2: 50})
+    assert {route(with_executor, f"u{i}")["pod_id"] for i in range(20)} == {2}
+
+
+def test_no_eligible_pod_for_a_moved_user_writes_nothing_on_their_slot(with_executor: ExecutorRun,
+                                                                      redis_db: redis.Redis) -> None:
+    seed_pods(redis_db, {1: "Down", 2: "Draining"}, {1: 0, 2: 0})
+    redis_db.set(link("carol"), "1")
+    before, writes = snapshot(redis_db), write_counts(redis_db)
+    assert route(with_executor, "carol") == {"pod_id": None, "previous": 1, "outcome": "none"}
+    assert route(with_executor, "dave") == {"pod_id": None, "previous": None, "outcome": "none"}
+    assert snapshot(redis_db) == before and write_counts(redis_db) == writes
+
+
+def test_compute_linked_pod_answers_route_users_pod(with_executor: ExecutorRun, redis_db: redis.Redis) -> None:
+    seed_pods(redis_db, {1: "Down", 2: "Ready"}, {2: 0})
+    redis_db.set(link("erin"), "1")
+    assert with_executor(lambda ex: ex.compute_linked_pod(NS, "erin", SVC, -1)) == 2
+    assert redis_db.get(link("erin")) == "2"
+
+
+def test_racing_routes_of_a_moved_user_agree_and_one_moves(with_executor: ExecutorRun,
+                                                           redis_db: redis.Redis) -> None:
+    seed_pods(redis_db, {1: "Down", **{pod: "Ready" for pod in range(2, 10)}}, {pod: 0 for pod in range(2, 10)})
+    for i in range(50):
+        redis_db.set(link(f"u{i}"), "1")
+
+    async def body(ex: Executor) -> list[dict[str, Any]]:
+        return await asyncio.gather(*(ex.route_user(NS, f"u{i % 50}", SVC, -1) for i in range(50 * 8)))
+
+    answers = with_executor(body)
+    by_user: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for i, answer in enumerate(answers):
+        by_user[f"u{i % 50}"].append(answer)
+    for uid, routed in by_user.items():
+        assert len({r["pod_id"] for r in routed}) == 1, routed
+        assert [r["outcome"] for r in routed].count("moved") == 1, routed
+        assert str(routed[0]["pod_id"]) == redis_db.get(link(uid))

@@ -12,6 +12,7 @@ Errors are documented in `statefuld_client.errors`; all derive from `StatefuldEr
 """
 
 from statefuld_client._async_client import AsyncClient
+from statefuld_client._hold import AsyncPodHold, PodHold
 from statefuld_client._paths import default_socket_path
 from statefuld_client._sync_client import Client
 from statefuld_client.errors import (
@@ -20,6 +21,7 @@ from statefuld_client.errors import (
     ConnectionLostError,
     ConnectRefusedError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InternalServerError,
     InvalidArgumentError,
     OverloadedError,
@@ -34,15 +36,18 @@ from statefuld_client.errors import (
 
 __all__ = [
     "AsyncClient",
+    "AsyncPodHold",
     "Client",
     "ClientClosedError",
     "ClientTimeoutError",
     "ConnectRefusedError",
     "ConnectionLostError",
     "DeadlineExceededError",
+    "FailedPreconditionError",
     "InternalServerError",
     "InvalidArgumentError",
     "OverloadedError",
+    "PodHold",
     "ProtocolError",
     "ServerError",
     "SocketNotFoundError",

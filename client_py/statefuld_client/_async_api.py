@@ -213,11 +213,40 @@ class AsyncAPI:
 
     async def compute_linked_pod(self, ns: str, uid: str, service: str, persist_seconds: int, *,
                                  timeout_s: float | None = None) -> int | None:
-        """The user's pod, linking them to a lightly loaded ready pod if they have none.
+        """The user's pod: `route_user`'s ``pod_id`` alone.
 
-        Returns the existing link unchanged if there is one; None if no pod is eligible.
+        Keeps a link to an alive pod unchanged, places a new user on a lightly loaded ready pod,
+        moves a user whose pod is gone; None if no pod is eligible.
 
         Example: ``await client.compute_linked_pod("game", "alice", "lobby", -1)`` -> ``3``
         """
         params = [ns, uid, service, persist_seconds]
         return cast("int | None", await self._call("compute_linked_pod", params, timeout_s, False))
+
+    # -- liveness and failover --------------------------------------------------------------------------
+
+    async def route_user(self, ns: str, uid: str, service: str, persist_seconds: int, *,
+                         timeout_s: float | None = None) -> dict[str, Any]:
+        """Route a user: keep them on an alive pod, place a new user, move one whose pod is gone.
+
+        Returns ``{"pod_id": int | None, "previous": int | None, "outcome": str}``, outcome one of
+        ``"kept"``, ``"placed"``, ``"moved"``, ``"none"`` (no eligible pod). Of concurrent callers
+        for one user, on any daemons, all get the same pod and at most one gets ``"moved"`` or
+        ``"placed"``: that caller alone should restore the user's state on the new pod.
+
+        Example: ``await client.route_user("game", "alice", "lobby", -1)``
+        -> ``{"pod_id": 4, "previous": 3, "outcome": "moved"}``
+        """
+        params = [ns, uid, service, persist_seconds]
+        return cast("dict[str, Any]", await self._call("route_user", params, timeout_s, False))
+
+    async def describe_pods(self, ns: str, service: str, *, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Every pod of a service as `route_user` judges it now, for operators.
+
+        Each item: ``pod_id``, ``state`` (None: no state), ``load`` and ``report_age_ms`` (None: no
+        load report), ``status`` (``"eligible"``, ``"alive"`` or ``"gone"``) and ``why``.
+
+        Example: ``await client.describe_pods("game", "lobby")``
+        -> ``[{"pod_id": 3, "state": "Ready", "load": 12, "report_age_ms": 420, "status": "eligible", ...}]``
+        """
+        return cast("list[dict[str, Any]]", await self._call("describe_pods", [ns, service], timeout_s, True))

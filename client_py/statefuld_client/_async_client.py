@@ -12,12 +12,15 @@ import os
 import socket
 from collections import deque
 from types import TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from statefuld_client import _core as core
 from statefuld_client._async_api import AsyncAPI
 from statefuld_client._paths import default_socket_path
 from statefuld_client.errors import ProtocolError, StatefuldError
+
+if TYPE_CHECKING:
+    from statefuld_client._hold import AsyncPodHold
 
 # aclose() lets the transport flush queued notifications this long before aborting it.
 _CLOSE_FLUSH_S = 1.0
@@ -269,6 +272,24 @@ class AsyncClient(AsyncAPI):
     def closed(self) -> bool:
         """True once `aclose` was called."""
         return self._closed
+
+    def hold_pod(self, ns: str, service: str, pod_id: int, state: str, load: int) -> AsyncPodHold:
+        """Hold a pod: its liveness tied to a connection of its own (see `AsyncPodHold`).
+
+        Await it, or use it with ``async with``: that writes the pod's state and load; from then on
+        the daemon refreshes its load report until the hold is closed or this process ends, then
+        writes it ``Down``.
+
+        Example::
+
+            async with client.hold_pod("game", "lobby", 3, "Ready", 0) as hold:
+                await hold.update(load=120)
+        """
+        if self._closed:
+            raise core.closed_error()
+        from statefuld_client._hold import AsyncPodHold
+
+        return AsyncPodHold(self.socket_path, self.timeout_s, ns, service, pod_id, state, load)
 
     async def aclose(self) -> None:
         """Close the connection; calls still waiting and every later call raise `ClientClosedError`.

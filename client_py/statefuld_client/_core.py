@@ -52,6 +52,7 @@ READ_METHODS = frozenset({
     "get_linked_pod",
     "get_linked_pod_if_persist",
     "batch_get_linked_pod",
+    "describe_pods",
     "get_link_service",
 })
 

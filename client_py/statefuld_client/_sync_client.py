@@ -13,12 +13,15 @@ import struct
 import threading
 import time
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from statefuld_client import _core as core
 from statefuld_client._paths import default_socket_path
 from statefuld_client._sync_api import SyncAPI
 from statefuld_client.errors import ClientTimeoutError, ProtocolError, StatefuldError
+
+if TYPE_CHECKING:
+    from statefuld_client._hold import PodHold
 
 # MSG_NOSIGNAL: a daemon gone away must give EPIPE, not a SIGPIPE, even in a program that
 # restored SIGPIPE's default action.
@@ -84,6 +87,23 @@ class Client(SyncAPI):
     def closed(self) -> bool:
         """True once `close` was called."""
         return self._closed
+
+    def hold_pod(self, ns: str, service: str, pod_id: int, state: str, load: int) -> PodHold:
+        """Hold a pod: its liveness tied to a connection of its own (see `PodHold`).
+
+        Writes the pod's state and load now; from then on the daemon refreshes its load report
+        until the hold is closed or this process ends, then writes it ``Down``.
+
+        Example::
+
+            with client.hold_pod("game", "lobby", 3, "Ready", 0) as hold:
+                hold.update(load=120)
+        """
+        if self._closed:
+            raise core.closed_error()
+        from statefuld_client._hold import PodHold
+
+        return PodHold(self.socket_path, self.timeout_s, ns, service, pod_id, state, load)
 
     def close(self) -> None:
         """Close the connection; every later call raises `ClientClosedError`. Idempotent.

@@ -9,6 +9,7 @@
     │   ├── UnavailableError             UNAVAILABLE: the daemon cannot reach Redis
     │   ├── DeadlineExceededError        TIMEOUT: the daemon's deadline passed (also a builtin TimeoutError)
     │   ├── OverloadedError              OVERLOADED: the daemon shed load; retry later
+    │   ├── FailedPreconditionError      FAILED_PRECONDITION: this Redis's set-up does not allow the call
     │   └── InternalServerError          INTERNAL
     ├── TransportError                   could not talk to the daemon (also a builtin ConnectionError)
     │   ├── SocketNotFoundError          no socket file at the path: daemon not running, or wrong path
@@ -32,6 +33,7 @@ __all__ = [
     "ConnectRefusedError",
     "ConnectionLostError",
     "DeadlineExceededError",
+    "FailedPreconditionError",
     "InternalServerError",
     "InvalidArgumentError",
     "OverloadedError",
@@ -109,6 +111,12 @@ class OverloadedError(ServerError):
     wire_code = "OVERLOADED"
 
 
+class FailedPreconditionError(ServerError):
+    """FAILED_PRECONDITION: the call cannot work with this Redis's set-up; the message says what to change."""
+
+    wire_code = "FAILED_PRECONDITION"
+
+
 class InternalServerError(ServerError):
     """INTERNAL: a bug or an unexpected Redis reply in the daemon; its log says more."""
 
@@ -123,6 +131,7 @@ SERVER_ERRORS: dict[str, type[ServerError]] = {
         UnavailableError,
         DeadlineExceededError,
         OverloadedError,
+        FailedPreconditionError,
         InternalServerError,
     )
 }

@@ -134,9 +134,9 @@ class Calls:
 
 class Session:
     """One connection's calls: what protocol.py submits, where their ends go, and the
-    connection's own settings (set_error_format)."""
+    connection's own state (set_error_format, what it holds)."""
 
-    __slots__ = ("calls", "error_format", "reply")
+    __slots__ = ("_closers", "calls", "error_format", "is_closed", "reply")
 
     def __init__(self, calls: Calls, reply: Reply) -> None:
         self.calls = calls
@@ -144,6 +144,26 @@ class Session:
         # "map": errors as {"code", "message"}; "string": as "CODE: message", for clients that can
         # only decode a string (Go's net/rpc with the common msgpack-rpc codec).
         self.error_format = "map"
+        self._closers: list[Callable[[], None]] = []
+        self.is_closed = False
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the connection ends (at once if it already has): the release of
+        what a method of the connection (a hold) took for it."""
+        if self.is_closed:
+            callback()
+        else:
+            self._closers.append(callback)
+
+    def closed(self) -> None:
+        """The connection ended, whoever closed it; its calls still in flight end on their own."""
+        self.is_closed = True
+        closers, self._closers = self._closers, []
+        for callback in closers:
+            try:
+                callback()
+            except Exception:  # one release's bug must not skip the others
+                log.exception("releasing a closed connection's state failed")
 
     def submit(self, msgid: int | None, name: str, params: Any, read_at: float) -> None:
         """Run one request (``msgid``) or notification (None) that a read at ``read_at``

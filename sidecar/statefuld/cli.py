@@ -243,6 +243,30 @@ def call(socket_path: str | None, timeout_s: float, method: str, args: tuple[str
 
 @main.command()
 @_client_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON array instead of the table.")
+@click.argument("ns")
+@click.argument("service")
+def pods(socket_path: str | None, timeout_s: float, as_json: bool, ns: str, service: str) -> None:
+    """Print the pods of NS/SERVICE as route_user judges them now: eligible (gets new users),
+    alive (keeps its users, gets none) or gone (its users move at their next route_user), and why.
+    """
+    described = _run_client(socket_path, timeout_s, "describe_pods", [ns, service])
+    if as_json:
+        click.echo(json.dumps(described, sort_keys=True))
+        return
+    rows = [("POD", "STATE", "LOAD", "REPORT AGE", "STATUS", "WHY")]
+    for pod in described:
+        age = pod["report_age_ms"]
+        rows.append((str(pod["pod_id"]), "-" if pod["state"] is None else str(pod["state"]),
+                     "-" if pod["load"] is None else str(pod["load"]),
+                     "-" if age is None else _duration(age / 1000), pod["status"], pod["why"]))
+    if len(rows) == 1:
+        rows.append(("(no pods)", "", "", "", "", ""))
+    click.echo("\n".join(_aligned(rows)))
+
+
+@main.command()
+@_client_options
 @click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C; rates over each interval.")
 @click.option("--interval-s", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds between refreshes with --watch.")
@@ -333,6 +357,7 @@ def _aligned(rows: Sequence[tuple[str, ...]]) -> list[str]:
 def _stats_header(snap: dict[str, Any], previous: dict[str, Any] | None, uptime_s: float) -> list[str]:
     redis = snap.get("redis", {})
     counters = snap.get("counters", {})
+    liveness = snap.get("liveness", {})
     writes = int(redis.get("writes", 0))
     commands = int(redis.get("commands", 0))
     if previous is not None:
@@ -346,6 +371,9 @@ def _stats_header(snap: dict[str, Any], previous: dict[str, Any] | None, uptime_
         f"shed {counters.get('overloaded', 0)}  timeouts {counters.get('timeouts', 0)}  "
         f"failed notifications {counters.get('notification_failures', 0)}  "
         f"script reloads {redis.get('script_reloads', 0)}  redis commands/write {batch}",
+        f"held pods {liveness.get('held_pods', 0)}  heartbeat failures {liveness.get('heartbeat_failures', 0)}  "
+        f"downs written {liveness.get('downs_written', 0)}  routes "
+        + (" ".join(f"{k} {n}" for k, n in liveness.get("routes", {}).items()) or "-"),
     ]
 
 

@@ -93,9 +93,20 @@ class Config:
     allow_gid: tuple[int, ...] = _option((), "Only peers with this gid (repeatable; SO_PEERCRED).", multiple=True)
     metrics_addr: str | None = _option(None, "host:port for a Prometheus /metrics listener (off when unset).")
     routable_state: tuple[str, ...] = _option(
-        ("Ready",), "Pod state that compute_linked_pod may route to (repeatable).", multiple=True
+        ("Ready",), "Pod state that route_user may place new users on (repeatable).", multiple=True
     )
     load_stale_ms: int = _option(10_000, "A pod load report this old or older is not used for placement.", min=1)
+    gone_state: tuple[str, ...] = _option(
+        ("Down",), "Pod state that makes a pod gone, its users moved by route_user (repeatable); the first is "
+        "written when a pod's last holder disconnects.", multiple=True
+    )
+    gone_after_ms: int = _option(
+        30_000, "A pod whose load report is this old or older is gone; must be above --load-stale-ms.", min=1
+    )
+    heartbeat_ms: int = _option(
+        1000, "How often the load report of a held pod is refreshed; must be below --load-stale-ms.", min=1
+    )
+    max_held_pods: int = _option(1024, "Distinct pods held through this daemon at once (hold_pod).", min=1)
 
     # Secret: not an option, not in repr. Filled from PASSWORD_ENV or redis_password_file.
     redis_password: str | None = field(default=None, repr=False, metadata={"secret": True})
@@ -109,6 +120,17 @@ class Config:
             raise ValueError("key_prefix must be non-empty and must not contain '{' or '}'")
         if not self.routable_state:
             raise ValueError("at least one routable_state is needed")
+        if not self.gone_state:
+            raise ValueError("at least one gone_state is needed")
+        both = sorted(set(self.routable_state) & set(self.gone_state))
+        if both:
+            raise ValueError(f"state {both[0]!r} is both a routable_state and a gone_state")
+        if self.gone_after_ms <= self.load_stale_ms:
+            raise ValueError(f"gone_after_ms ({self.gone_after_ms}) must be above load_stale_ms "
+                             f"({self.load_stale_ms}): a pod too stale for new users is still alive for its own")
+        if self.heartbeat_ms >= self.load_stale_ms:
+            raise ValueError(f"heartbeat_ms ({self.heartbeat_ms}) must be below load_stale_ms "
+                             f"({self.load_stale_ms}), or a held pod's report goes stale between heartbeats")
 
     def with_secrets_from_environment(self) -> Config:
         """Return a copy whose redis_password is read from the environment or the password file."""

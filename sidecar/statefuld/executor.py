@@ -25,6 +25,10 @@ log = logging.getLogger("statefuld.executor")
 
 HEALTH_TIMEOUT_S = 1.0
 MAX_POD_ID = 2**31 - 1
+ROUTE_OUTCOMES = ("kept", "placed", "moved", "none")
+# route_user routes again when the link it read was removed before it could replace it; a link
+# that keeps changing under it this often is answered UNAVAILABLE rather than chased forever.
+_ROUTE_ATTEMPTS = 8
 
 
 class Keys:
@@ -152,13 +156,22 @@ class Executor:
         *,
         routable_states: Sequence[str] = ("Ready",),
         load_stale_ms: int = 10_000,
+        gone_states: Sequence[str] = ("Down",),
+        gone_after_ms: int = 30_000,
     ) -> None:
         self._redis = transport
         self._scripts = scripts
         self.keys = keys
         self._routable_states = tuple(routable_states)
+        self._gone_states = tuple(gone_states)
         self._load_stale_ms = load_stale_ms
+        self._gone_after_ms = gone_after_ms
+        # pick_pod's ARGV after the linked pod: the bounds, then (after the two random numbers)
+        # the routable and the gone states.
+        self._judge_args = (len(self._routable_states), *self._routable_states, *self._gone_states)
         self._warned_unreadable_previous = False
+        # route_user's answers by outcome, for the metrics.
+        self.route_outcomes = dict.fromkeys(ROUTE_OUTCOMES, 0)
 
     @classmethod
     async def connect(cls, config: Config) -> Executor:
@@ -177,7 +190,9 @@ class Executor:
                 if transport is None:  # "auto" is decided once Redis answers
                     transport = make_transport(config, await detect_mode(config))
                 executor = cls(
-                    transport, scripts, keys, routable_states=config.routable_state, load_stale_ms=config.load_stale_ms
+                    transport, scripts, keys, routable_states=config.routable_state,
+                    load_stale_ms=config.load_stale_ms, gone_states=config.gone_state,
+                    gone_after_ms=config.gone_after_ms,
                 )
                 await transport.connect()
                 await asyncio.wait_for(transport.execute_any("PING"), HEALTH_TIMEOUT_S)
@@ -351,20 +366,96 @@ class Executor:
         return self._script("report_pod_load", (key,), pod_id, load, decode=_nil)
 
     async def compute_linked_pod(self, ns: str, uid: str, service: str, persist_seconds: int) -> int | None:
-        existing = await self.get_linked_pod(ns, uid, service)
-        if existing is not None:
-            return existing  # whatever the pods' states; nothing changes, no TTL reset
-        state_key = self.keys.service_state(ns, service)
-        picked = await self._script(
-            "pick_pod",
-            (state_key, self.keys.pod_load(ns, service)),
-            self._load_stale_ms,
-            random.random(),
-            random.random(),
-            *self._routable_states,
-        )
-        if picked is None:
-            return None
-        # A second script on the user's slot: if another caller linked the user meanwhile, that
-        # link wins (set-if-absent), so no user ever has two links.
-        return await self.set_linked_pod_if_absent(ns, uid, service, int(picked), persist_seconds)
+        routed = await self.route_user(ns, uid, service, persist_seconds)
+        return routed["pod_id"]  # type: ignore[no-any-return]
+
+    # --- liveness and failover (contract section 2c) -----------------------------------------
+
+    async def route_user(self, ns: str, uid: str, service: str, persist_seconds: int) -> dict[str, Any]:
+        """Keep the user on an alive pod, place a new user, move a user whose pod is gone.
+
+        Three steps on two slots: read the link (user's slot); judge its pod and pick if it is
+        gone or absent (service's slot, pick_pod); replace the link only if it still holds what
+        was read (user's slot, replace_linked_pod). The compare-and-set is what makes concurrent
+        callers agree: one of them writes, the others read back what it wrote.
+        """
+        hash_key, link_key = self._link_keys(ns, uid, service)
+        state_key, load_key = self.keys.service_state(ns, service), self.keys.pod_load(ns, service)
+        for _ in range(_ROUTE_ATTEMPTS):
+            raw: bytes | None = await self._redis.execute(link_key, "GET", link_key)
+            linked = _pod_id(raw)
+            verdict = await self._script(
+                "pick_pod", (state_key, load_key), b"" if linked is None else b"%d" % linked,
+                self._load_stale_ms, self._gone_after_ms, random.random(), random.random(), *self._judge_args)
+            if verdict == 0:
+                return self._routed("kept", linked, linked)
+            if verdict is None:
+                return self._routed("none", None, linked)
+            written, current = await self._script(
+                "replace_linked_pod", (hash_key, link_key), service, raw or b"", verdict, persist_seconds)
+            if written:
+                return self._routed("placed" if linked is None else "moved", int(verdict), linked)
+            if current is not None:  # another caller linked the user meanwhile: that link wins
+                now = _held_pod_id(current)
+                return self._routed("kept", now, now)
+            # The link was removed meanwhile: route the user again, as one with no link.
+        raise Unavailable(f"the user's link changed under {_ROUTE_ATTEMPTS} routings in a row; retry")
+
+    def _routed(self, outcome: str, pod_id: int | None, previous: int | None) -> dict[str, Any]:
+        self.route_outcomes[outcome] += 1
+        return {"pod_id": pod_id, "previous": previous, "outcome": outcome}
+
+    def hold_pod(self, ns: str, service: str, pod_id: int, state: str, load: int) -> Awaitable[None]:
+        """The state and a fresh load report of a held pod, in one script."""
+        return self._script("hold_pod", (self.keys.service_state(ns, service), self.keys.pod_load(ns, service)),
+                            pod_id, state, load, decode=_nil)
+
+    def mark_pod_down(self, ns: str, service: str, pod_id: int) -> Awaitable[None]:
+        """The first gone state as the pod's state: its last holder is gone."""
+        return self.set_service_state(ns, service, pod_id, self._gone_states[0])
+
+    async def describe_pods(self, ns: str, service: str) -> list[dict[str, Any]]:
+        """Every pod of the service as route_user judges it, for an operator (`statefuld pods`)."""
+        state_key, load_key = self.keys.service_state(ns, service), self.keys.pod_load(ns, service)
+        flat_states, flat_loads, now = await asyncio.gather(
+            self._redis.execute(state_key, "HGETALL", state_key),
+            self._redis.execute(state_key, "HGETALL", load_key),
+            self._redis.execute(state_key, "TIME"))
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        states = _pod_states(flat_states)
+        reports: dict[int, tuple[int, int]] = {}
+        for i in range(0, len(flat_loads), 2):
+            pod, report = parse_pod_id(flat_loads[i]), _parse_report(flat_loads[i + 1])
+            if pod is not None and report is not None:
+                reports[pod] = report
+        return [self._judge(pod, states.get(pod), reports.get(pod), now_ms)
+                for pod in sorted(states.keys() | reports.keys())]
+
+    def _judge(self, pod: int, state: str | None, report: tuple[int, int] | None, now_ms: int) -> dict[str, Any]:
+        # The rules of pick_pod.lua, in words an operator reads.
+        age_ms = None if report is None else now_ms - report[1]
+        if state is None:
+            status, why = "gone", "no state"
+        elif state in self._gone_states:
+            status, why = "gone", f"state {state} is a gone state"
+        elif age_ms is not None and age_ms >= self._gone_after_ms:
+            status, why = "gone", f"load report {age_ms} ms old (--gone-after-ms {self._gone_after_ms})"
+        elif state not in self._routable_states:
+            status, why = "alive", f"state {state} is not routable: keeps its users, gets no new ones"
+        elif age_ms is None:
+            status, why = "alive", "no load report: keeps its users, gets no new ones"
+        elif age_ms >= self._load_stale_ms:
+            status, why = "alive", f"load report {age_ms} ms old (--load-stale-ms {self._load_stale_ms}): " \
+                                   "keeps its users, gets no new ones"
+        else:
+            status, why = "eligible", "routable with a fresh load report"
+        return {"pod_id": pod, "state": state, "load": None if report is None else report[0],
+                "report_age_ms": age_ms, "status": status, "why": why}
+
+
+def _parse_report(raw: bytes) -> tuple[int, int] | None:
+    """(load, unix ms) of a load report "<load>:<unix ms>", None for another tool's value."""
+    load, sep, stamp = raw.partition(b":")
+    if not sep or not load.isdigit() or not stamp.isdigit():
+        return None
+    return int(load), int(stamp)

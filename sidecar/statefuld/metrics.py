@@ -28,6 +28,7 @@ from statefuld.errors import CODES
 if TYPE_CHECKING:
     from statefuld.calls import Calls
     from statefuld.executor import Executor
+    from statefuld.liveness import Holds
     from statefuld.protocol import Connections
 
 log = logging.getLogger("statefuld.metrics")
@@ -160,7 +161,9 @@ class RedisWatch:
 class Observer:
     """The daemon's numbers in one map: the `stats` method's result, and what a scrape exports."""
 
-    def __init__(self, calls: Calls, connections: Connections, executor: Executor, redis: RedisWatch) -> None:
+    def __init__(self, calls: Calls, connections: Connections, executor: Executor, redis: RedisWatch,
+                 holds: Holds) -> None:
+        self._holds = holds
         self._calls = calls
         self._connections = connections
         self._executor = executor
@@ -186,6 +189,7 @@ class Observer:
                 "latency_sum_ms": stats.sum_s * 1000,
             }
         transport = self._executor.transport_stats()
+        holds = self._holds
         return {
             "version": __version__,
             "start_time_s": self.started_at,
@@ -201,6 +205,13 @@ class Observer:
                 "writes": int(transport.get("writes", 0)),
                 "primary_switches": int(transport.get("switches", 0)),
                 "script_reloads": self._executor.script_reloads,
+            },
+            "liveness": {
+                "held_pods": len(holds.pods),
+                "heartbeats": holds.heartbeats,
+                "heartbeat_failures": holds.heartbeat_failures,
+                "downs_written": holds.downs_written,
+                "routes": dict(self._executor.route_outcomes),
             },
             "counters": {
                 "requests": calls.requests,
@@ -289,6 +300,17 @@ def families(snap: dict[str, Any]) -> list[Any]:
             redis["script_reloads"])
     for name, doc, key in _COUNTERS:
         counter(name, doc, snap["counters"].get(key, 0))
+    liveness = snap["liveness"]
+    gauge("statefuld_held_pods", "Pods held through this daemon now (hold_pod).", liveness["held_pods"])
+    counter("statefuld_heartbeats", "Load reports of held pods written.", liveness["heartbeats"])
+    counter("statefuld_heartbeat_failures", "Heartbeats that Redis did not take (logged, one line a second).",
+            liveness["heartbeat_failures"])
+    counter("statefuld_pod_downs", "Down states written because a pod's last holder disconnected.",
+            liveness["downs_written"])
+    routes = CounterMetricFamily("statefuld_routes", "route_user answers by outcome.", labels=("outcome",))
+    for outcome, n in liveness["routes"].items():
+        routes.add_metric((outcome,), n)
+    result.append(routes)
     gauge("statefuld_start_time_seconds", "Start time of the daemon, seconds since the epoch.", snap["start_time_s"])
     info = GaugeMetricFamily("statefuld_build_info", "The daemon's version (value 1).", labels=("version",))
     info.add_metric((snap["version"],), 1)

@@ -52,6 +52,7 @@ class Session(Protocol):
     """calls.Session as a connection uses it."""
 
     def submit(self, msgid: int | None, name: str, params: Any, read_at: float, /) -> None: ...
+    def closed(self) -> None: ...
 
 
 class Connections:
@@ -223,6 +224,8 @@ class RpcProtocol(asyncio.Protocol):
         self._reading = False
         self._unpacker = None
         self._backlog = None
+        if self._session is not None:
+            self._session.closed()
         if self.closed is not None and not self.closed.done():
             self.closed.set_result(None)
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from statefuld.config import Config
 from statefuld.errors import InvalidArgument, UnknownMethod
 from statefuld.executor import Executor
+from statefuld.liveness import Holds
 
 MAX_INT32 = 2**31 - 1
 NAME_MAX_BYTES = 128
@@ -173,6 +174,7 @@ class Method:
 
 NS, SERVICE, UID = ("ns", check_name), ("service", check_name), ("uid", check_uid)
 POD_ID, STATE, PERSIST = ("pod_id", check_pod_id), ("state", check_state), ("persist_seconds", check_persist_seconds)
+LOAD = ("load", check_load)
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -195,8 +197,11 @@ METHODS: dict[str, Method] = {
         Method("remove_linked_pod", (NS, UID, SERVICE, PERSIST)),
         Method("remove_linked_pod_with_id", (NS, UID, SERVICE, PERSIST, POD_ID)),
         Method("get_link_service", (NS, UID)),
-        Method("report_pod_load", (NS, SERVICE, POD_ID, ("load", check_load))),
+        Method("report_pod_load", (NS, SERVICE, POD_ID, LOAD)),
         Method("compute_linked_pod", (NS, UID, SERVICE, PERSIST)),
+        Method("route_user", (NS, UID, SERVICE, PERSIST)),
+        Method("hold_pod", (NS, SERVICE, POD_ID, STATE, LOAD), of_connection=True),
+        Method("describe_pods", (NS, SERVICE)),
     )
 }
 
@@ -227,6 +232,8 @@ class Connection(Protocol):
 
     error_format: str
 
+    def on_close(self, callback: Callable[[], None], /) -> None: ...
+
 
 class Dispatcher:
     """Validated calls into the executor (and the few methods the daemon answers itself).
@@ -235,10 +242,11 @@ class Dispatcher:
     a method of one command, its coroutine for a method of several steps.
     """
 
-    def __init__(self, executor: Executor, config: Config) -> None:
+    def __init__(self, executor: Executor, holds: Holds, config: Config) -> None:
         self._config = config
         own: dict[str, Callable[..., Awaitable[Any]]] = {
-            "ping": self._ping, "stats": self._stats, "set_error_format": self._set_error_format}
+            "ping": self._ping, "stats": self._stats, "set_error_format": self._set_error_format,
+            "hold_pod": holds.hold, "report_pod_load": holds.report_pod_load}
         self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
             name: own.get(name) or getattr(executor, name) for name in METHODS
         }

@@ -98,6 +98,7 @@ class Server:
         self._executor: Any = None
         self._dispatcher: Any = None
         self._calls: Calls | None = None
+        self._holds: Any = None
         self._connections: Connections | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -158,7 +159,7 @@ class Server:
 
         calls, connections = self._calls, self._connections
         assert calls is not None and connections is not None and self._redis_watch is not None
-        observer = Observer(calls, connections, self._executor, self._redis_watch)
+        observer = Observer(calls, connections, self._executor, self._redis_watch, self._holds)
         self._dispatcher.stats = observer.snapshot
         if config.metrics_addr is not None:
             self._start_metrics(observer, config.metrics_addr)
@@ -200,6 +201,7 @@ class Server:
 
     async def _connect_redis(self) -> None:
         from statefuld.executor import Executor
+        from statefuld.liveness import Holds
         from statefuld.rpc import Dispatcher
 
         config = self.config
@@ -224,7 +226,8 @@ class Server:
         transport = self._executor.describe_transport()
         log.info("connected to Redis at %s%s", shown_url, "" if transport == shown_url else f" ({transport})",
                  extra={"event": "redis_connected"})
-        dispatcher = Dispatcher(self._executor, config)
+        self._holds = holds = Holds(self._executor, config)
+        dispatcher = Dispatcher(self._executor, holds, config)
         self._calls = calls = Calls(config, dispatcher, RequestMetrics(METHODS))
         self._connections = Connections(config, calls.session)
         self._redis_watch = RedisWatch(self._executor)
@@ -316,6 +319,8 @@ class Server:
         calls, connections = self._calls, self._connections
         assert calls is not None and connections is not None and self._listener is not None
         self._listener.close()
+        # Before any connection closes: a daemon that stops is no holder lost (no Down written).
+        await self._holds.stop()
         connections.stop_reading()
         drain_s = self.config.drain_timeout_s
         log.info("draining: %d connections, %d requests in flight (up to %ss)", len(connections.open),
@@ -335,6 +340,8 @@ class Server:
 
     async def _release(self) -> None:
         """Everything start-up acquired, in reverse; runs after a clean stop and after a failed start."""
+        if self._holds is not None:
+            await self._holds.stop()
         for task in (self._watchdog, self._redis_watch_task):
             if task is not None:
                 task.cancel()
