@@ -92,3 +92,27 @@ def test_call_serves_placement(daemon: Daemon) -> None:
     assert (nobody.returncode, nobody.stdout.strip()) == (0, "null")
     bad = statefuld("call", "report_pod_load", "game", "lobby", "2", "-3", socket_path=sock)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "load" in bad.stderr
+
+
+def test_call_routes_users_and_pods_shows_why(daemon: Daemon) -> None:
+    sock = daemon.socket_path
+    for pod, state in (("1", "Ready"), ("2", "Draining"), ("3", "Down")):
+        assert statefuld("call", "set_service_state", "game", "lobby", pod, state, socket_path=sock).returncode == 0
+        assert statefuld("call", "report_pod_load", "game", "lobby", pod, "4", socket_path=sock).returncode == 0
+    assert statefuld("call", "set_linked_pod", "game", "alice", "lobby", "3", "-1", socket_path=sock).returncode == 0
+    routed = statefuld("call", "route_user", "game", "alice", "lobby", "-1", socket_path=sock)
+    assert (routed.returncode, json.loads(routed.stdout)) == (0, {"pod_id": 1, "previous": 3, "outcome": "moved"})
+
+    table = statefuld("pods", "game", "lobby", socket_path=sock)
+    assert table.returncode == 0
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["POD", "STATE", "LOAD", "REPORT", "AGE", "STATUS", "WHY"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows["1"][1:3] == ["Ready", "5"] and rows["1"][4] == "eligible"  # 4, and alice counted in
+    assert rows["2"][4] == "alive" and "not routable" in lines[2]
+    assert rows["3"][4] == "gone" and "gone state" in lines[3]
+
+    as_json = json.loads(statefuld("pods", "--json", "game", "lobby", socket_path=sock).stdout)
+    assert [(p["pod_id"], p["status"]) for p in as_json] == [(1, "eligible"), (2, "alive"), (3, "gone")]
+    empty = statefuld("pods", "game", "nothing", socket_path=sock)
+    assert (empty.returncode, empty.stdout.splitlines()[-1]) == (0, "(no pods)")

@@ -116,9 +116,10 @@ def test_result_helpers() -> None:
 
 
 def test_reads_are_exactly_the_read_methods() -> None:
-    assert {"ping", "health", "get_linked_pod", "batch_get_linked_pod", "get_link_service"} <= READ_METHODS
+    assert {"ping", "health", "get_linked_pod", "batch_get_linked_pod", "get_link_service",
+            "describe_pods"} <= READ_METHODS
     for write in ("set_linked_pod", "remove_linked_pod", "compute_linked_pod", "report_pod_load",
-                  "set_service_state", "try_set_linked_pod", "set_linked_pod_if_absent"):
+                  "set_service_state", "try_set_linked_pod", "set_linked_pod_if_absent", "route_user", "hold_pod"):
         assert write not in READ_METHODS
 
 
@@ -131,6 +132,9 @@ def test_signatures_follow_the_spec(cls: type) -> None:
         positional = [p.name for p in sig.parameters.values()
                       if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name != "self"]
         assert positional == params, method
+        if method == "hold_pod":  # returns a handle with a connection of its own: no per-call timeout
+            assert not inspect.iscoroutinefunction(fn)
+            continue
         timeout = sig.parameters["timeout_s"]
         assert timeout.kind is inspect.Parameter.KEYWORD_ONLY and timeout.default is None
         assert inspect.iscoroutinefunction(fn) is (cls is AsyncClient), method

@@ -46,6 +46,10 @@ VALID: dict[str, list[Any]] = {
     # Placement, section 2b.
     "report_pod_load": ["game", "lobby", 3, 17],
     "compute_linked_pod": ["game", "alice", "lobby", -1],
+    # Liveness, section 2c.
+    "route_user": ["game", "alice", "lobby", 30],
+    "hold_pod": ["game", "lobby", 3, "Ready", 17],
+    "describe_pods": ["game", "lobby"],
 }
 
 BAD_NAMES = [
@@ -105,6 +109,8 @@ def test_the_method_table_is_the_contract() -> None:
         "get_link_service": ("ns", "uid"),
         "report_pod_load": ("ns", "service", "pod_id", "load"),
         "compute_linked_pod": ("ns", "uid", "service", "persist_seconds"),
+        "route_user": ("ns", "uid", "service", "persist_seconds"),
+        "hold_pod": ("ns", "service", "pod_id", "state", "load"),
     }
     for method, params in expected.items():
         assert METHODS[method].params == params

@@ -242,8 +242,10 @@ class Dispatcher:
     a method of one command, its coroutine for a method of several steps.
     """
 
-    def __init__(self, executor: Executor, holds: Holds, config: Config) -> None:
+    def __init__(self, executor: Executor, config: Config) -> None:
         self._config = config
+        # The pods held through this daemon: hold_pod's connections, and the loads they heartbeat.
+        self.holds = holds = Holds(executor, config)
         own: dict[str, Callable[..., Awaitable[Any]]] = {
             "ping": self._ping, "stats": self._stats, "set_error_format": self._set_error_format,
             "hold_pod": holds.hold, "report_pod_load": holds.report_pod_load}

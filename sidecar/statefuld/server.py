@@ -201,7 +201,6 @@ class Server:
 
     async def _connect_redis(self) -> None:
         from statefuld.executor import Executor
-        from statefuld.liveness import Holds
         from statefuld.rpc import Dispatcher
 
         config = self.config
@@ -226,8 +225,8 @@ class Server:
         transport = self._executor.describe_transport()
         log.info("connected to Redis at %s%s", shown_url, "" if transport == shown_url else f" ({transport})",
                  extra={"event": "redis_connected"})
-        self._holds = holds = Holds(self._executor, config)
-        dispatcher = Dispatcher(self._executor, holds, config)
+        dispatcher = Dispatcher(self._executor, config)
+        self._holds = dispatcher.holds
         self._calls = calls = Calls(config, dispatcher, RequestMetrics(METHODS))
         self._connections = Connections(config, calls.session)
         self._redis_watch = RedisWatch(self._executor)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 NS, SVC = "game", "lobby"
 
-# The contract's methods (SPEC sections 2 and 2b) and their params in wire order, written out from
+# The contract's methods (SPEC sections 2, 2b and 2c) and their params in wire order, written out from
 # the contract itself, independently of the daemon's and the client's own tables.
 CONTRACT_METHODS: dict[str, list[str]] = {
     "ping": [], "health": [],
@@ -25,6 +25,8 @@ CONTRACT_METHODS: dict[str, list[str]] = {
     "get_link_service": ["ns", "uid"],
     "report_pod_load": ["ns", "service", "pod_id", "load"],
     "compute_linked_pod": ["ns", "uid", "service", "persist_seconds"],
+    "route_user": ["ns", "uid", "service", "persist_seconds"],
+    "hold_pod": ["ns", "service", "pod_id", "state", "load"],
 }
 
 
