@@ -179,11 +179,13 @@ def main() -> None:
             holds = [client.hold_pod(NS, SERVICE, pod, "Ready", 0) for pod in range(PODS)]
             try:
                 lines = kept_against_get(daemon.socket_path, daemon.proc.pid, args.runs, args.duration_s)
-                lines += ["", *storm(daemon.socket_path, server.client(), args.storm_runs)]
+                if args.storm_runs:
+                    lines += ["", *storm(daemon.socket_path, server.client(), args.storm_runs)]
             finally:
                 for hold in holds:
                     hold.close()
-        lines += ["", *idle_hold(server.url, args.idle_s)]
+        if args.idle_s:
+            lines += ["", *idle_hold(server.url, args.idle_s)]
     print("\n".join(lines))
 
 

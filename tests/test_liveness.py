@@ -395,7 +395,26 @@ def test_describe_pods_says_why(daemon: Daemon, redis_db: redis.Redis) -> None:
     assert by_id[6]["status"] == "alive" and "--load-stale-ms" in by_id[6]["why"]
 
 
-def test_route_outcomes_are_counted(daemon: Daemon, redis_db: redis.Redis) -> None:
+def test_a_pod_made_gone_by_another_writer_is_seen_within_the_alive_cache(
+        tmp_daemon: DaemonFactory, redis_server: RedisServer, redis_db: redis.Redis) -> None:
+    daemon = tmp_daemon(redis_server.url, args=["--alive-cache-ms", "300"]).start()
+    redis_db.hset(STATES, mapping={"1": "Ready", "2": "Ready"})
+    redis_db.hset(LOADS, mapping={"1": f"0:{redis_ms(redis_db)}", "2": f"0:{redis_ms(redis_db)}"})
+    link_users(redis_db, 1, ["a"])
+    client = Client(daemon.socket_path)
+    assert client.route_user(NS, "a", SVC, -1)["outcome"] == "kept"
+    redis_db.hset(STATES, "1", "Down")  # another daemon, or an operator
+    gone_at = time.monotonic()
+    # Judged alive less than --alive-cache-ms ago: still taken as alive.
+    assert client.route_user(NS, "a", SVC, -1)["outcome"] == "kept"
+    wait_for(lambda: client.route_user(NS, "a", SVC, -1)["outcome"] == "moved", timeout_s=2, what="the move")
+    assert time.monotonic() - gone_at < 1.0
+    client.close()
+
+
+def test_route_outcomes_are_counted(tmp_daemon: DaemonFactory, redis_server: RedisServer,
+                                    redis_db: redis.Redis) -> None:
+    daemon = tmp_daemon(redis_server.url, args=["--alive-cache-ms", "0"]).start()
     before = rpc_call(daemon.socket_path, "stats", [])[1]["liveness"]["routes"]
     redis_db.hset(STATES, "1", "Ready")
     redis_db.hset(LOADS, "1", f"0:{redis_ms(redis_db)}")

@@ -106,6 +106,10 @@ class Config:
     heartbeat_ms: int = _option(
         1000, "How often the load report of a held pod is refreshed; must be below --load-stale-ms.", min=1
     )
+    alive_cache_ms: int = _option(
+        100, "How long route_user takes a pod it found alive as alive without reading it again (0: read every "
+        "time); bounds how late a user sees their pod gone.", min=0, max=10_000
+    )
     max_held_pods: int = _option(1024, "Distinct pods held through this daemon at once (hold_pod).", min=1)
 
     # Secret: not an option, not in repr. Filled from PASSWORD_ENV or redis_password_file.
@@ -128,6 +132,9 @@ class Config:
         if self.gone_after_ms <= self.load_stale_ms:
             raise ValueError(f"gone_after_ms ({self.gone_after_ms}) must be above load_stale_ms "
                              f"({self.load_stale_ms}): a pod too stale for new users is still alive for its own")
+        if self.alive_cache_ms >= self.gone_after_ms:
+            raise ValueError(f"alive_cache_ms ({self.alive_cache_ms}) must be below gone_after_ms "
+                             f"({self.gone_after_ms})")
         if self.heartbeat_ms >= self.load_stale_ms:
             raise ValueError(f"heartbeat_ms ({self.heartbeat_ms}) must be below load_stale_ms "
                              f"({self.load_stale_ms}), or a held pod's report goes stale between heartbeats")

@@ -17,7 +17,7 @@ from typing import Any
 
 from statefuld.config import PASSWORD_ENV, Config
 from statefuld.errors import Internal, Unavailable
-from statefuld.redis_mux import ReplyError
+from statefuld.redis_mux import ReplyError, Then
 from statefuld.scripts import Scripts, load_scripts
 from statefuld.transports import Transport, detect_mode, make_transport
 
@@ -29,6 +29,8 @@ ROUTE_OUTCOMES = ("kept", "placed", "moved", "none")
 # route_user routes again when the link it read was removed before it could replace it; a link
 # that keeps changing under it this often is answered UNAVAILABLE rather than chased forever.
 _ROUTE_ATTEMPTS = 8
+# Pods route_user found alive, remembered for --alive-cache-ms; bounded: cleared when full.
+_ALIVE_CACHED = 4096
 
 
 class Keys:
@@ -158,6 +160,7 @@ class Executor:
         load_stale_ms: int = 10_000,
         gone_states: Sequence[str] = ("Down",),
         gone_after_ms: int = 30_000,
+        alive_cache_ms: int = 0,
     ) -> None:
         self._redis = transport
         self._scripts = scripts
@@ -166,6 +169,9 @@ class Executor:
         self._gone_states = tuple(gone_states)
         self._load_stale_ms = load_stale_ms
         self._gone_after_ms = gone_after_ms
+        # (ns, service, pod) -> until when (monotonic) a pod judged alive is taken as alive unread.
+        self._alive_cache_s = alive_cache_ms / 1000
+        self._alive: dict[tuple[str, str, int], float] = {}
         # pick_pod's ARGV after the linked pod: the bounds, then (after the two random numbers)
         # the routable and the gone states.
         self._judge_args = (len(self._routable_states), *self._routable_states, *self._gone_states)
@@ -192,7 +198,7 @@ class Executor:
                 executor = cls(
                     transport, scripts, keys, routable_states=config.routable_state,
                     load_stale_ms=config.load_stale_ms, gone_states=config.gone_state,
-                    gone_after_ms=config.gone_after_ms,
+                    gone_after_ms=config.gone_after_ms, alive_cache_ms=config.alive_cache_ms,
                 )
                 await transport.connect()
                 await asyncio.wait_for(transport.execute_any("PING"), HEALTH_TIMEOUT_S)
@@ -371,23 +377,37 @@ class Executor:
 
     # --- liveness and failover (contract section 2c) -----------------------------------------
 
-    async def route_user(self, ns: str, uid: str, service: str, persist_seconds: int) -> dict[str, Any]:
+    def route_user(self, ns: str, uid: str, service: str, persist_seconds: int) -> Awaitable[dict[str, Any]]:
         """Keep the user on an alive pod, place a new user, move a user whose pod is gone.
 
         Three steps on two slots: read the link (user's slot); judge its pod and pick if it is
         gone or absent (service's slot, pick_pod); replace the link only if it still holds what
         was read (user's slot, replace_linked_pod). The compare-and-set is what makes concurrent
         callers agree: one of them writes, the others read back what it wrote.
+
+        A link to a pod judged alive within --alive-cache-ms is answered inside the read, with no
+        coroutine: the common case costs little more than get_linked_pod (docs/BENCHMARKS.md).
         """
+        link_key = self.keys.link(ns, uid, service)
+
+        def decide(raw: bytes | None) -> dict[str, Any] | Then:
+            linked = _pod_id(raw)
+            if linked is not None and self._alive.get((ns, service, linked), 0.0) > time.monotonic():
+                return self._routed("kept", linked, linked)
+            return Then(self._route(ns, uid, service, persist_seconds, raw))
+
+        return self._redis.execute(link_key, "GET", link_key, decode=decide)
+
+    async def _route(self, ns: str, uid: str, service: str, persist_seconds: int, raw: bytes | None) -> dict[str, Any]:
         hash_key, link_key = self._link_keys(ns, uid, service)
         state_key, load_key = self.keys.service_state(ns, service), self.keys.pod_load(ns, service)
         for _ in range(_ROUTE_ATTEMPTS):
-            raw: bytes | None = await self._redis.execute(link_key, "GET", link_key)
             linked = _pod_id(raw)
             verdict = await self._script(
                 "pick_pod", (state_key, load_key), b"" if linked is None else b"%d" % linked,
                 self._load_stale_ms, self._gone_after_ms, random.random(), random.random(), *self._judge_args)
             if verdict == 0:
+                self._remember_alive(ns, service, linked)
                 return self._routed("kept", linked, linked)
             if verdict is None:
                 return self._routed("none", None, linked)
@@ -399,7 +419,19 @@ class Executor:
                 now = _held_pod_id(current)
                 return self._routed("kept", now, now)
             # The link was removed meanwhile: route the user again, as one with no link.
+            raw = await self._redis.execute(link_key, "GET", link_key)
         raise Unavailable(f"the user's link changed under {_ROUTE_ATTEMPTS} routings in a row; retry")
+
+    def _remember_alive(self, ns: str, service: str, pod: int | None) -> None:
+        if not self._alive_cache_s or pod is None:
+            return
+        if len(self._alive) >= _ALIVE_CACHED:
+            self._alive.clear()
+        self._alive[(ns, service, pod)] = time.monotonic() + self._alive_cache_s
+
+    def forget_alive(self, ns: str, service: str, pod_id: int) -> None:
+        """This daemon is about to make the pod gone: no cached verdict may outlive that."""
+        self._alive.pop((ns, service, pod_id), None)
 
     def _routed(self, outcome: str, pod_id: int | None, previous: int | None) -> dict[str, Any]:
         self.route_outcomes[outcome] += 1
@@ -412,6 +444,7 @@ class Executor:
 
     def mark_pod_down(self, ns: str, service: str, pod_id: int) -> Awaitable[None]:
         """The first gone state as the pod's state: its last holder is gone."""
+        self.forget_alive(ns, service, pod_id)
         return self.set_service_state(ns, service, pod_id, self._gone_states[0])
 
     async def describe_pods(self, ns: str, service: str) -> list[dict[str, Any]]:

@@ -58,8 +58,20 @@ _BUSY_POLL_MAX_WAITING = 8
 _UNAVAILABLE_REPLIES = frozenset({"LOADING", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "NOREPLICAS"})
 
 # A reply's decoder, handed down by the caller of ``execute``: it runs on the raw reply inside the
-# read that brought it, so a plain command needs no coroutine to shape its result.
+# read that brought it, so a plain command needs no coroutine to shape its result. It may instead
+# return ``Then(awaitable)`` when the reply shows more work is needed: the command's future then
+# answers as that awaitable does.
 Decode = Callable[[Any], Any]
+
+
+class Then:
+    """A decoder's answer "not yet": the command's future follows ``work`` (a coroutine or future)."""
+
+    __slots__ = ("work",)
+
+    def __init__(self, work: Awaitable[Any]) -> None:
+        self.work = work
+
 # An error reply's second chance, handed down likewise: it may answer the command with another
 # awaitable (scripts.py runs a script again after NOSCRIPT), or None to let the error stand.
 Recover = Callable[["ReplyError"], "Awaitable[Any] | None"]
@@ -228,7 +240,10 @@ class _Connection(asyncio.Protocol):
                     except Exception as exc:  # the decoder's verdict on what Redis holds (an RpcError), or a bug
                         future.set_exception(exc)
                     else:
-                        future.set_result(result)
+                        if type(result) is Then:
+                            _follow(future, result.work)
+                        else:
+                            future.set_result(result)
         except IndexError:
             self._fail("Redis sent a reply nobody asked for; connection dropped")
         except hiredis.ProtocolError as exc:
@@ -267,7 +282,8 @@ class _Connection(asyncio.Protocol):
 
 
 def _follow(future: asyncio.Future[Any], retry: Awaitable[Any]) -> None:
-    """``future`` answers as ``retry`` does, unless its caller gave up on it meanwhile."""
+    """``future`` answers as ``retry`` does; if its caller gives up on it first, ``retry`` is
+    cancelled: no work outlives the call it was for."""
 
     def settle(done: asyncio.Future[Any]) -> None:
         exc = None if done.cancelled() else done.exception()  # retrieved either way
@@ -280,7 +296,9 @@ def _follow(future: asyncio.Future[Any], retry: Awaitable[Any]) -> None:
         else:
             future.set_result(done.result())
 
-    asyncio.ensure_future(retry).add_done_callback(settle)
+    work = asyncio.ensure_future(retry)
+    work.add_done_callback(settle)
+    future.add_done_callback(lambda _: work.cancel() if future.cancelled() else None)
 
 
 class RedisMux:
