@@ -15,12 +15,14 @@ import os
 import re
 import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import REPO, Daemon, RedisServer, rpc_call, short_tmpdir
+from support import REPO, Daemon, RedisServer, rpc_call, running, short_tmpdir, wait_for
 
 from statefuld import errors
 from statefuld.cli import main as cli
@@ -38,10 +40,19 @@ def load(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
+def workload() -> dict[str, Any]:
+    (statefulset,) = [d for d in load(REPO / "deploy" / "kubernetes" / "deployment.yaml") if d["kind"] == "StatefulSet"]
+    return statefulset
+
+
 def pod_spec() -> dict[str, Any]:
-    (deployment,) = [d for d in load(REPO / "deploy" / "kubernetes" / "deployment.yaml") if d["kind"] == "Deployment"]
-    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    spec: dict[str, Any] = workload()["spec"]["template"]["spec"]
     return spec
+
+
+def app() -> dict[str, Any]:
+    (container,) = [c for c in pod_spec()["containers"] if c["name"] == "app"]
+    return container
 
 
 def sidecar() -> dict[str, Any]:
@@ -70,10 +81,35 @@ def test_manifest_is_valid(path: Path, version: str) -> None:
 
 def test_validation_is_strict() -> None:
     # A typo in a field name must fail, or the test above proves nothing.
-    (deployment,) = load(REPO / "deploy" / "kubernetes" / "deployment.yaml")
-    deployment["spec"]["template"]["spec"]["initContainers"][0]["readinesProbe"] = {}
+    statefulset = workload()
+    statefulset["spec"]["template"]["spec"]["initContainers"][0]["readinesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
+        kubernetes_validate.validate(statefulset, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_app_holds_the_pod_of_its_ordinal_and_drains_in_pre_stop(redis_for_k8s: RedisServer) -> None:
+    from statefuld_client import Client
+
+    env = env_of(app())
+    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert workload()["spec"]["serviceName"] == "game-server"
+    command = app()["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["python", "-c"]
+    ns, service = env["GAME_NS"]["value"], env["GAME_SERVICE"]["value"]
+    # The hook, run as the kubelet runs it, against a real daemon holding pod 1 for the app.
+    with running(Daemon(redis_for_k8s.url)) as daemon, Client(daemon.socket_path) as client:
+        hold = client.hold_pod(ns, service, 1, "Ready", 0)
+        client.set_linked_pod(ns, "alice", service, 1, -1)
+        hook_env = {"PATH": os.environ["PATH"], "STATEFULD_SOCKET": daemon.socket_path, "GAME_NS": ns,
+                    "GAME_SERVICE": service, "POD_ID": "1"}
+        done = subprocess.run([sys.executable, *command[1:]], env=hook_env, capture_output=True, text=True,
+                              timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert client.get_service_state(ns, service) == {1: "Draining"}
+        assert client.route_user(ns, "alice", service, -1)["outcome"] == "kept"  # its users stay
+        assert client.route_user(ns, "bob", service, -1)["outcome"] == "none"  # and it gets no new one
+        hold.close()  # the application exits
+        wait_for(lambda: client.get_service_state(ns, service) == {1: "Down"}, timeout_s=5, what="Down")
 
 
 def test_statefuld_is_a_native_sidecar_sharing_the_socket() -> None:
