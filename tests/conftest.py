@@ -27,8 +27,8 @@ from support import (
 BACKEND = os.environ.get("SFD_TEST_BACKEND", "standalone")
 BACKENDS = ("standalone", "cluster", "sentinel")
 # The modules whose tests call the contract's methods (and the scripts) on the shared Redis.
-METHOD_MODULES = ("test_executor", "test_placement", "test_client.py", "test_protocol.py", "test_lua_scripts.py",
-                  "test_validation.py")
+METHOD_MODULES = ("test_executor", "test_placement", "test_audit", "test_client.py", "test_protocol.py",
+                  "test_lua_scripts.py", "test_validation.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:

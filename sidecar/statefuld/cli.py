@@ -72,10 +72,11 @@ def _shown_default(default: Any, settings: dict[str, Any]) -> str | bool:
     return True
 
 
-def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add one option per Config field: --field-name, env STATEFULD_FIELD_NAME."""
+def config_options(command: Callable[..., Any], only: Sequence[str] | None = None) -> Callable[..., Any]:
+    """Add one option per Config field (those named in ``only``, if given): --field-name, env
+    STATEFULD_FIELD_NAME."""
     hints = typing.get_type_hints(Config)
-    for f in reversed(option_fields()):
+    for f in reversed([f for f in option_fields() if only is None or f.name in only]):
         settings = dict(f.metadata["click"])
         has_default = f.default is not dataclasses.MISSING
         command = click.option(
@@ -239,6 +240,66 @@ def call(socket_path: str | None, timeout_s: float, method: str, args: tuple[str
     """
     result = _run_client(socket_path, timeout_s, method, [_parse_arg(a) for a in args])
     click.echo(json.dumps(_jsonable(result), sort_keys=True))
+
+
+# What `audit` shares with `serve`: how to reach Redis, and how pods are judged.
+_AUDIT_FIELDS = ("redis_url", "redis_mode", "redis_username", "redis_password_file", "redis_tls_ca_file",
+                 "redis_tls_cert_file", "redis_tls_key_file", "key_prefix", "routable_state", "load_stale_ms",
+                 "gone_state", "gone_after_ms")
+
+
+def _audit_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    return config_options(command, _AUDIT_FIELDS)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
+@click.option("--examples", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Examples shown for each kind of finding.")
+@click.option("--max-keys-per-s", type=click.FloatRange(min=1), default=20_000, show_default=True,
+              help="Keys read per second at most, on average (keeps a production Redis responsive).")
+@click.option("--scan-count", type=click.IntRange(min=1, max=10_000), default=500, show_default=True,
+              help="COUNT of each SCAN: keys read per round trip, roughly.")
+@click.option("--progress-s", type=click.FloatRange(min=0.01), default=5.0, show_default=True,
+              help="Seconds between progress lines on stderr.")
+@_audit_config_options
+def audit(as_json: bool, examples: int, max_keys_per_s: float, scan_count: int, progress_s: float,
+          **options: Any) -> None:
+    """Read a live Redis (read-only, SCAN, paced) and report the data statefuld would read
+    differently from the in-process executors, or refuse to touch (docs/MIGRATION.md).
+
+    Exit 0 when nothing was found, 1 when something was, 64 on bad options, 69 when Redis
+    cannot be reached.
+    """
+    import asyncio
+
+    from statefuld.audit import report_table, run_audit
+    from statefuld.errors import EXIT_REDIS_UNAVAILABLE, Unavailable
+    from statefuld.redis_mux import ReplyError
+    from statefuld.server import redact_url
+
+    given = {name: value for name, value in options.items() if value is not None}
+    if not given.get("redis_url"):
+        click.echo("statefuld: audit: name the Redis to read with --redis-url (or STATEFULD_REDIS_URL)", err=True)
+        sys.exit(EXIT_USAGE)
+    try:
+        config = Config(**given).with_secrets_from_environment()
+    except ValueError as exc:
+        click.echo(f"statefuld: audit: invalid configuration: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except OSError as exc:
+        click.echo(f"statefuld: audit: cannot read the Redis password file: {exc.strerror}", err=True)
+        sys.exit(EXIT_CONFIG)
+    where = redact_url(config.redis_url or "")
+    try:
+        report = asyncio.run(run_audit(config, examples=examples, max_keys_per_s=max_keys_per_s,
+                                       scan_count=scan_count, progress=lambda line: click.echo(line, err=True),
+                                       progress_s=progress_s))
+    except (Unavailable, ReplyError, OSError, ValueError) as exc:
+        click.echo(f"statefuld: audit: cannot read {where}: {exc}", err=True)
+        sys.exit(EXIT_REDIS_UNAVAILABLE)
+    click.echo(json.dumps(report.as_json(), sort_keys=True) if as_json else report_table(report, where))
+    sys.exit(1 if report.found else 0)
 
 
 @main.command()

@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from statefuld.config import PASSWORD_ENV, Config
@@ -102,7 +103,7 @@ def _optional_text(raw: bytes | None) -> str | None:
     return None if raw is None else _text(raw)
 
 
-def _pod_states(flat: list[bytes]) -> dict[int, str]:
+def pod_states(flat: list[bytes]) -> dict[int, str]:
     # Fields that are not decimal pod ids (another tool's data) are not pods: skip them. Where two
     # fields name one pod ("1" and "01"), the one written as the daemon writes it wins, whatever
     # order Redis lists them in.
@@ -169,6 +170,7 @@ class Executor:
         self._gone_states = tuple(gone_states)
         self._load_stale_ms = load_stale_ms
         self._gone_after_ms = gone_after_ms
+        self.rules = PodRules(self._routable_states, self._gone_states, load_stale_ms, gone_after_ms)
         # (ns, service, pod) -> until when (monotonic) a pod judged alive is taken as alive unread.
         self._alive_cache_s = alive_cache_ms / 1000
         self._alive: dict[tuple[str, str, int], float] = {}
@@ -278,7 +280,7 @@ class Executor:
 
     def get_service_state(self, ns: str, service: str) -> Awaitable[dict[int, str]]:
         key = self.keys.service_state(ns, service)
-        return self._redis.execute(key, "HGETALL", key, decode=_pod_states)
+        return self._redis.execute(key, "HGETALL", key, decode=pod_states)
 
     def set_workload_state(self, ns: str, service: str, state: str) -> Awaitable[None]:
         key = self.keys.workload_state(ns, service)
@@ -455,30 +457,44 @@ class Executor:
             self._redis.execute(state_key, "HGETALL", load_key),
             self._redis.execute(state_key, "TIME"))
         now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
-        states = _pod_states(flat_states)
+        states = pod_states(flat_states)
         reports: dict[int, tuple[int, int]] = {}
         for i in range(0, len(flat_loads), 2):
-            pod, report = parse_pod_id(flat_loads[i]), _parse_report(flat_loads[i + 1])
+            pod, report = parse_pod_id(flat_loads[i]), parse_report(flat_loads[i + 1])
             if pod is not None and report is not None:
                 reports[pod] = report
-        return [self._judge(pod, states.get(pod), reports.get(pod), now_ms)
+        return [self.rules.judge(pod, states.get(pod), reports.get(pod), now_ms)
                 for pod in sorted(states.keys() | reports.keys())]
 
-    def _judge(self, pod: int, state: str | None, report: tuple[int, int] | None, now_ms: int) -> dict[str, Any]:
-        # The rules of pick_pod.lua, in words an operator reads.
+
+@dataclass(frozen=True)
+class PodRules:
+    """How a pod is judged (contract section 2c): the rules of pick_pod.lua, in words an operator
+    reads (`statefuld pods`, `statefuld audit`)."""
+
+    routable_states: tuple[str, ...]
+    gone_states: tuple[str, ...]
+    load_stale_ms: int
+    gone_after_ms: int
+
+    @classmethod
+    def of(cls, config: Config) -> PodRules:
+        return cls(config.routable_state, config.gone_state, config.load_stale_ms, config.gone_after_ms)
+
+    def judge(self, pod: int, state: str | None, report: tuple[int, int] | None, now_ms: int) -> dict[str, Any]:
         age_ms = None if report is None else now_ms - report[1]
         if state is None:
             status, why = "gone", "no state"
-        elif state in self._gone_states:
+        elif state in self.gone_states:
             status, why = "gone", f"state {state} is a gone state"
-        elif age_ms is not None and age_ms >= self._gone_after_ms:
-            status, why = "gone", f"load report {age_ms} ms old (--gone-after-ms {self._gone_after_ms})"
-        elif state not in self._routable_states:
+        elif age_ms is not None and age_ms >= self.gone_after_ms:
+            status, why = "gone", f"load report {age_ms} ms old (--gone-after-ms {self.gone_after_ms})"
+        elif state not in self.routable_states:
             status, why = "alive", f"state {state} is not routable: keeps its users, gets no new ones"
         elif age_ms is None:
             status, why = "alive", "no load report: keeps its users, gets no new ones"
-        elif age_ms >= self._load_stale_ms:
-            status, why = "alive", f"load report {age_ms} ms old (--load-stale-ms {self._load_stale_ms}): " \
+        elif age_ms >= self.load_stale_ms:
+            status, why = "alive", f"load report {age_ms} ms old (--load-stale-ms {self.load_stale_ms}): " \
                                    "keeps its users, gets no new ones"
         else:
             status, why = "eligible", "routable with a fresh load report"
@@ -486,7 +502,7 @@ class Executor:
                 "report_age_ms": age_ms, "status": status, "why": why}
 
 
-def _parse_report(raw: bytes) -> tuple[int, int] | None:
+def parse_report(raw: bytes) -> tuple[int, int] | None:
     """(load, unix ms) of a load report "<load>:<unix ms>", None for another tool's value."""
     load, sep, stamp = raw.partition(b":")
     if not sep or not load.isdigit() or not stamp.isdigit():

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -56,6 +56,7 @@ class Transport(Protocol):
     def execute_any(self, *args: Any) -> Awaitable[Any]: ...
     def group_by_node(self, keys: Sequence[str]) -> list[list[int]]: ...
     async def on_every_node(self, *args: Any) -> list[Any]: ...
+    def primaries(self) -> list[Callable[..., Awaitable[Any]]]: ...
     async def connect(self) -> None: ...
     async def close(self) -> None: ...
     def describe(self) -> str: ...
@@ -171,6 +172,10 @@ class StandaloneTransport:
 
     async def on_every_node(self, *args: Any) -> list[Any]:
         return [await self._mux.execute(*args)]
+
+    def primaries(self) -> list[Callable[..., Awaitable[Any]]]:
+        """One ``execute(*args)`` per primary: what walks the whole keyspace (SCAN) uses."""
+        return [self._mux.execute]
 
     async def connect(self) -> None:
         await self._mux.connect()
@@ -298,6 +303,13 @@ class ClusterTransport:
         except Unavailable:
             self.request_refresh()
             raise
+
+    def primaries(self) -> list[Callable[..., Awaitable[Any]]]:
+        primaries = self._current_primaries()
+        if not primaries:
+            self.request_refresh()
+            raise Unavailable("no Redis Cluster primary is known")
+        return [mux.execute for mux in primaries]
 
     def _current_primaries(self) -> list[RedisMux]:
         return list({id(mux): mux for mux in self._slots if mux is not None}.values())
@@ -542,6 +554,9 @@ class SentinelTransport:
 
     async def on_every_node(self, *args: Any) -> list[Any]:
         return [await self.execute_any(*args)]
+
+    def primaries(self) -> list[Callable[..., Awaitable[Any]]]:
+        return [self.execute_any]
 
     # --- finding the primary ---------------------------------------------------------------------
 
