@@ -50,6 +50,10 @@ VALID: dict[str, list[Any]] = {
     "route_user": ["game", "alice", "lobby", 30],
     "hold_pod": ["game", "lobby", 3, "Ready", 17],
     "describe_pods": ["game", "lobby"],
+    # Watch, section 2d.
+    "watch_service": ["game", "lobby"],
+    "watch_links": ["game", "lobby"],
+    "unwatch": [7],
 }
 
 BAD_NAMES = [
@@ -70,13 +74,15 @@ BAD_LOADS = [-1, 2**31, True, 0.5, "3", None]
 GOOD_LOADS = [0, 1, 2**31 - 1]
 
 BAD_FORMATS = ["", "Map", "json", ["map"], None, b"map"]
+BAD_WATCH_IDS = [-1, 2**31, True, "1", None, 1.0]
 GOOD_FORMATS = ["map", "string"]
 
 BAD_BY_KIND: dict[str, list[Any]] = {"ns": BAD_NAMES, "service": BAD_NAMES, "uid": BAD_UIDS, "pod_id": BAD_POD_IDS,
-               "persist_seconds": BAD_PERSIST, "state": BAD_STATES, "load": BAD_LOADS, "format": BAD_FORMATS}
+               "persist_seconds": BAD_PERSIST, "state": BAD_STATES, "load": BAD_LOADS, "format": BAD_FORMATS,
+               "watch_id": BAD_WATCH_IDS}
 GOOD_BY_KIND: dict[str, list[Any]] = {"ns": GOOD_NAMES, "service": GOOD_NAMES, "uid": GOOD_UIDS, "pod_id": GOOD_POD_IDS,
                 "persist_seconds": GOOD_PERSIST, "state": GOOD_STATES, "load": GOOD_LOADS,
-                "format": GOOD_FORMATS}
+                "format": GOOD_FORMATS, "watch_id": [0, 1, 2**31 - 1]}
 
 
 def spoiled_calls() -> list[tuple[str, list[Any], str]]:
@@ -111,6 +117,9 @@ def test_the_method_table_is_the_contract() -> None:
         "compute_linked_pod": ("ns", "uid", "service", "persist_seconds"),
         "route_user": ("ns", "uid", "service", "persist_seconds"),
         "hold_pod": ("ns", "service", "pod_id", "state", "load"),
+        "watch_service": ("ns", "service"),
+        "watch_links": ("ns", "service"),
+        "unwatch": ("watch_id",),
     }
     for method, params in expected.items():
         assert METHODS[method].params == params

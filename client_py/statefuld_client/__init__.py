@@ -15,6 +15,7 @@ from statefuld_client._async_client import AsyncClient
 from statefuld_client._hold import AsyncPodHold, PodHold
 from statefuld_client._paths import default_socket_path
 from statefuld_client._sync_client import Client
+from statefuld_client._watch import AsyncWatch, Watch
 from statefuld_client.errors import (
     ClientClosedError,
     ClientTimeoutError,
@@ -37,6 +38,7 @@ from statefuld_client.errors import (
 __all__ = [
     "AsyncClient",
     "AsyncPodHold",
+    "AsyncWatch",
     "Client",
     "ClientClosedError",
     "ClientTimeoutError",
@@ -55,5 +57,6 @@ __all__ = [
     "TransportError",
     "UnavailableError",
     "UnknownMethodError",
+    "Watch",
     "default_socket_path",
 ]

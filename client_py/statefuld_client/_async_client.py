@@ -21,6 +21,7 @@ from statefuld_client.errors import ProtocolError, StatefuldError
 
 if TYPE_CHECKING:
     from statefuld_client._hold import AsyncPodHold
+    from statefuld_client._watch import AsyncWatch
 
 # aclose() lets the transport flush queued notifications this long before aborting it.
 _CLOSE_FLUSH_S = 1.0
@@ -272,6 +273,38 @@ class AsyncClient(AsyncAPI):
     def closed(self) -> bool:
         """True once `aclose` was called."""
         return self._closed
+
+    def watch_service(self, ns: str, service: str) -> AsyncWatch:
+        """Watch a service's pod states and workload state: an iterator of events, on a connection
+        of its own. The first event is the current state, as a ``snapshot``; then ``pod`` and
+        ``workload`` events as they change in Redis, whoever changes them. The watch call is made
+        at the first iteration, or when it is awaited (``watch = await client.watch_service(...)``).
+
+        Example::
+
+            async for event in client.watch_service("game", "lobby"):
+                print(event)   # {"kind": "pod", "pod_id": 3, "state": "Draining"}
+        """
+        if self._closed:
+            raise core.closed_error()
+        from statefuld_client._watch import AsyncWatch
+
+        return AsyncWatch(self.socket_path, self.timeout_s, "watch_service", ns, service)
+
+    def watch_links(self, ns: str, service: str) -> AsyncWatch:
+        """Watch every link of a service: ``link`` events with cause ``set``, ``removed`` or
+        ``expired``, on a connection of its own; a ``gap`` event after anything was missed.
+
+        Example::
+
+            async for event in client.watch_links("game", "lobby"):
+                print(event)   # {"kind": "link", "uid": "alice", "pod_id": 3, "persistent": True, "cause": "set"}
+        """
+        if self._closed:
+            raise core.closed_error()
+        from statefuld_client._watch import AsyncWatch
+
+        return AsyncWatch(self.socket_path, self.timeout_s, "watch_links", ns, service)
 
     def hold_pod(self, ns: str, service: str, pod_id: int, state: str, load: int) -> AsyncPodHold:
         """Hold a pod: its liveness tied to a connection of its own (see `AsyncPodHold`).

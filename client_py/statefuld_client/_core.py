@@ -101,20 +101,27 @@ class Decoder:
         self._unpacker.feed(data)
 
     def next_reply(self) -> list[Any] | None:
-        """The next complete reply, validated, as the decoded list itself (no copy); None if none yet."""
-        while True:
-            try:
-                message = next(self._unpacker)
-            except StopIteration:
-                return None
-            except (ValueError, msgpack.UnpackException) as exc:  # FormatError, StackError, ExtraData...
-                raise ProtocolError(f"undecodable bytes from the daemon: {exc}") from exc
-            if type(message) is list and len(message) == 4 and message[0] == RESPONSE \
-                    and type(message[1]) is int:
+        """The next complete reply, validated, as the decoded list itself (no copy); None if none
+        yet. Notifications (watch events) are skipped: only a watch's own connection reads them."""
+        while (message := self.next_message()) is not None:
+            if message[0] == RESPONSE:
                 return message
-            if type(message) is list and len(message) == 3 and message[0] == NOTIFICATION:
-                continue  # the daemon sends none to a connection that made no watch call
-            raise ProtocolError(f"not a MessagePack-RPC reply: {message!r:.200}")
+        return None
+
+    def next_message(self) -> list[Any] | None:
+        """The next complete reply ``[1, msgid, error, result]`` or notification ``[2, method,
+        params]``, validated; None if none yet."""
+        try:
+            message = next(self._unpacker)
+        except StopIteration:
+            return None
+        except (ValueError, msgpack.UnpackException) as exc:  # FormatError, StackError, ExtraData...
+            raise ProtocolError(f"undecodable bytes from the daemon: {exc}") from exc
+        if type(message) is list and len(message) == 4 and message[0] == RESPONSE and type(message[1]) is int:
+            return message
+        if type(message) is list and len(message) == 3 and message[0] == NOTIFICATION:
+            return message
+        raise ProtocolError(f"not a MessagePack-RPC reply: {message!r:.200}")
 
 
 class MsgIds:

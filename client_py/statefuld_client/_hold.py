@@ -10,16 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import threading
 import weakref
-from collections.abc import Coroutine, Generator
+from collections.abc import Generator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 from statefuld_client._async_client import AsyncClient
+from statefuld_client._loop_thread import LoopThread
 from statefuld_client.errors import ClientClosedError, InvalidArgumentError, StatefuldError
-
-_T = TypeVar("_T")
 
 # After the hold's connection is lost (the daemon restarted): hold again after this long, doubling
 # up to the cap, until it works. The cap keeps a restarted daemon's wait for its holders short.
@@ -153,15 +151,13 @@ class PodHold:
 
     def __init__(self, socket_path: str, timeout_s: float, ns: str, service: str, pod_id: int, state: str,
                  load: int) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"statefuld-hold-{pod_id}", daemon=True)
-        self._thread.start()
-        self._pid = os.getpid()
+        self._thread = LoopThread(f"statefuld-hold-{pod_id}")
         self._closed = False
         try:
-            self._hold = self._run(self._make(socket_path, timeout_s, ns, service, pod_id, state, load))
+            self._hold = self._thread.run(self._make(socket_path, timeout_s, ns, service, pod_id, state, load),
+                                          "pod hold")
         except BaseException:
-            self._stop_loop()
+            self._thread.stop()
             raise
 
     @staticmethod
@@ -194,30 +190,19 @@ class PodHold:
         """Change the held pod's state or load (see `AsyncPodHold.update`)."""
         if self._closed:
             raise ClientClosedError("this pod hold is closed")
-        self._run(self._hold.update(state=state, load=load))
+        self._thread.run(self._hold.update(state=state, load=load), "pod hold")
 
     def close(self) -> None:
         """Release the hold: the daemon writes the pod ``Down`` at once. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if os.getpid() != self._pid:
+        if self._thread.forked:
             return  # a forked child: the thread and the hold are the parent's
         try:
-            self._run(self._hold.aclose())
+            self._thread.run(self._hold.aclose(), "pod hold")
         finally:
-            self._stop_loop()
-
-    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        if os.getpid() != self._pid:
-            coro.close()
-            raise _forked_error()
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+            self._thread.stop()
 
 
 def _after_fork_in_child() -> None:

@@ -22,6 +22,7 @@ from statefuld_client.errors import ClientTimeoutError, ProtocolError, Statefuld
 
 if TYPE_CHECKING:
     from statefuld_client._hold import PodHold
+    from statefuld_client._watch import Watch
 
 # MSG_NOSIGNAL: a daemon gone away must give EPIPE, not a SIGPIPE, even in a program that
 # restored SIGPIPE's default action.
@@ -87,6 +88,37 @@ class Client(SyncAPI):
     def closed(self) -> bool:
         """True once `close` was called."""
         return self._closed
+
+    def watch_service(self, ns: str, service: str) -> Watch:
+        """Watch a service's pod states and workload state: an iterator of events, on a connection
+        of its own. The first event is the current state, as a ``snapshot``; then ``pod`` and
+        ``workload`` events as they change in Redis, whoever changes them.
+
+        Example::
+
+            for event in client.watch_service("game", "lobby"):
+                print(event)   # {"kind": "pod", "pod_id": 3, "state": "Draining"}
+        """
+        if self._closed:
+            raise core.closed_error()
+        from statefuld_client._watch import Watch
+
+        return Watch(self.socket_path, self.timeout_s, "watch_service", ns, service)
+
+    def watch_links(self, ns: str, service: str) -> Watch:
+        """Watch every link of a service: ``link`` events with cause ``set``, ``removed`` or
+        ``expired``, on a connection of its own; a ``gap`` event after anything was missed.
+
+        Example::
+
+            for event in client.watch_links("game", "lobby"):
+                print(event)   # {"kind": "link", "uid": "alice", "pod_id": 3, "persistent": True, "cause": "set"}
+        """
+        if self._closed:
+            raise core.closed_error()
+        from statefuld_client._watch import Watch
+
+        return Watch(self.socket_path, self.timeout_s, "watch_links", ns, service)
 
     def hold_pod(self, ns: str, service: str, pod_id: int, state: str, load: int) -> PodHold:
         """Hold a pod: its liveness tied to a connection of its own (see `PodHold`).

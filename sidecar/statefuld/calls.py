@@ -34,6 +34,10 @@ _ENDED = "statefuld: the call ended before its work did (deadline or shutdown)"
 # How a call's end goes back up: ``reply(msgid, error, result)``, handed down by protocol.py. A
 # notification's end (msgid None) is reported too, with nothing to send: the connection counts it.
 Reply = Callable[[int | None, "dict[str, str] | str | None", Any], None]
+# How a notification goes to the peer (a watch's event): ``notify(method, params)``, handed down
+# by protocol.py; False when the connection takes no more now (the peer does not read, or it
+# closed): the sender keeps it and tries again when the connection says it is writable.
+Notify = Callable[[str, Any], bool]
 
 
 class Dispatcher(Protocol):
@@ -63,9 +67,9 @@ class Calls:
         # Per-call log lines are debug only; decided once, not per call.
         self.log_calls = log.isEnabledFor(logging.DEBUG)
 
-    def session(self, reply: Reply) -> Session:
+    def session(self, reply: Reply, notify: Notify) -> Session:
         """The calls of one connection, whose ends go back through ``reply``."""
-        return Session(self, reply)
+        return Session(self, reply, notify)
 
     # --- deadlines -------------------------------------------------------------------------------
 
@@ -136,11 +140,13 @@ class Session:
     """One connection's calls: what protocol.py submits, where their ends go, and the
     connection's own state (set_error_format, what it holds)."""
 
-    __slots__ = ("_closers", "calls", "error_format", "is_closed", "reply")
+    __slots__ = ("_closers", "_writable", "calls", "error_format", "is_closed", "notify", "reply")
 
-    def __init__(self, calls: Calls, reply: Reply) -> None:
+    def __init__(self, calls: Calls, reply: Reply, notify: Notify) -> None:
         self.calls = calls
         self.reply = reply
+        self.notify = notify
+        self._writable: list[Callable[[], None]] = []
         # "map": errors as {"code", "message"}; "string": as "CODE: message", for clients that can
         # only decode a string (Go's net/rpc with the common msgpack-rpc codec).
         self.error_format = "map"
@@ -155,9 +161,18 @@ class Session:
         else:
             self._closers.append(callback)
 
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` whenever the connection takes writes again after refusing a notify."""
+        self._writable.append(callback)
+
+    def writable(self) -> None:
+        for callback in list(self._writable):
+            callback()
+
     def closed(self) -> None:
         """The connection ended, whoever closed it; its calls still in flight end on their own."""
         self.is_closed = True
+        self._writable.clear()
         closers, self._closers = self._closers, []
         for callback in closers:
             try:

@@ -242,6 +242,47 @@ def call(socket_path: str | None, timeout_s: float, method: str, args: tuple[str
     click.echo(json.dumps(_jsonable(result), sort_keys=True))
 
 
+@main.command()
+@_client_options
+@click.option("--links", is_flag=True, help="Watch the service's links instead of its pods and workload.")
+@click.option("--json", "as_json", is_flag=True, help="Each event as one line of JSON.")
+@click.argument("ns")
+@click.argument("service")
+def watch(socket_path: str | None, timeout_s: float, links: bool, as_json: bool, ns: str, service: str) -> None:
+    """Print NS/SERVICE's changes as they happen, one line each, until Ctrl-C: pod states and the
+    workload state (first the current ones, as a snapshot), or with --links every link."""
+    from statefuld_client import Client, StatefuldError
+
+    try:
+        with Client(socket_path=socket_path, timeout_s=timeout_s) as client, \
+                (client.watch_links(ns, service) if links else client.watch_service(ns, service)) as events:
+            for event in events:
+                click.echo(json.dumps(_jsonable(event), sort_keys=True) if as_json else _event_line(event))
+    except KeyboardInterrupt:
+        return
+    except StatefuldError as exc:
+        click.echo(f"statefuld: watch: {exc}", err=True)
+        sys.exit(1)
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    stamp = time.strftime("%H:%M:%S")
+    kind = event.get("kind")
+    if kind == "pod":
+        return f"{stamp} pod {event['pod_id']} {event['state'] if event['state'] is not None else '(removed)'}"
+    if kind == "workload":
+        return f"{stamp} workload {event['state'] if event['state'] is not None else '(none)'}"
+    if kind == "link":
+        if event["cause"] == "set":
+            persistence = "persistent" if event["persistent"] else "temporary"
+            return f"{stamp} link {event['uid']} -> pod {event['pod_id']} ({persistence})"
+        return f"{stamp} link {event['uid']} {event['cause']}"
+    if kind == "snapshot":
+        pods = " ".join(f"{pod}={state}" for pod, state in sorted(event["states"].items())) or "(no pods)"
+        return f"{stamp} snapshot: {pods}; workload {event['workload'] if event['workload'] is not None else '(none)'}"
+    return f"{stamp} gap: events may have been missed; re-read what you need"
+
+
 # What `audit` shares with `serve`: how to reach Redis, and how pods are judged.
 _AUDIT_FIELDS = ("redis_url", "redis_mode", "redis_username", "redis_password_file", "redis_tls_ca_file",
                  "redis_tls_cert_file", "redis_tls_key_file", "key_prefix", "routable_state", "load_stale_ms",

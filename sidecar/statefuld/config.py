@@ -110,6 +110,11 @@ class Config:
         100, "How long route_user takes a pod it found alive as alive without reading it again (0: read every "
         "time); bounds how late a user sees their pod gone.", min=0, max=10_000
     )
+    watch_queue_events: int = _option(
+        10_000, "Events one watch may have waiting for a connection that does not read; past it they are "
+        "dropped and the watch gets a snapshot/gap event.", min=1
+    )
+    max_watches: int = _option(10_000, "Watches open on this daemon at once (watch_service, watch_links).", min=1)
     max_held_pods: int = _option(1024, "Distinct pods held through this daemon at once (hold_pod).", min=1)
 
     # Secret: not an option, not in repr. Filled from PASSWORD_ENV or redis_password_file.

@@ -170,6 +170,7 @@ class EmbeddedRedis:
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             "--save", "",
+            "--notify-keyspace-events", "Kg$hx",  # what the watches need (notifications.NEEDED)
             "--daemonize", "no",
             "--supervised", "no",
             "--logfile", os.path.join(self.data_dir, LOG_NAME),

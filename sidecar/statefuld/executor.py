@@ -237,6 +237,10 @@ class Executor:
         await self._redis.close()
 
     @property
+    def transport(self) -> Transport:
+        return self._redis
+
+    @property
     def script_reloads(self) -> int:
         return self._scripts.reloads
 
@@ -362,6 +366,15 @@ class Executor:
                                   pod_id: int) -> Awaitable[bool]:
         return self._script("remove_linked_pod_with_id", self._link_keys(ns, uid, service), service,
                             persist_seconds, pod_id, decode=bool)
+
+    async def read_link(self, ns: str, uid: str, service: str) -> tuple[int | None, bool | None]:
+        """(pod, persistent) of the user's link, (None, None) without one or with a value that is
+        not a pod id (a watch has nothing to say about another tool's value)."""
+        key = self.keys.link(ns, uid, service)
+        raw, ttl_ms = await asyncio.gather(self._redis.execute(key, "GET", key),
+                                           self._redis.execute(key, "PTTL", key))
+        pod = None if raw is None else parse_pod_id(raw)
+        return (None, None) if pod is None else (pod, ttl_ms == -1)
 
     def get_link_service(self, ns: str, uid: str) -> Awaitable[dict[str, int]]:
         key = self.keys.link_hash(ns, uid)

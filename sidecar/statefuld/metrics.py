@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from statefuld.executor import Executor
     from statefuld.liveness import Holds
     from statefuld.protocol import Connections
+    from statefuld.watch import Watches
 
 log = logging.getLogger("statefuld.metrics")
 
@@ -162,8 +163,9 @@ class Observer:
     """The daemon's numbers in one map: the `stats` method's result, and what a scrape exports."""
 
     def __init__(self, calls: Calls, connections: Connections, executor: Executor, redis: RedisWatch,
-                 holds: Holds) -> None:
+                 holds: Holds, watches: Watches) -> None:
         self._holds = holds
+        self._watches = watches
         self._calls = calls
         self._connections = connections
         self._executor = executor
@@ -212,6 +214,16 @@ class Observer:
                 "heartbeat_failures": holds.heartbeat_failures,
                 "downs_written": holds.downs_written,
                 "routes": dict(self._executor.route_outcomes),
+            },
+            "watch": {
+                "open": self._watches.open,
+                "events_sent": self._watches.events_sent,
+                "gaps": dict(self._watches.gaps),
+                "read_failures": self._watches.read_failures,
+                "subscription_reconnects": self._watches.notifications.reconnects,
+                "delay_buckets": list(self._watches.delay_buckets),
+                "delay_p50_ms": quantile_ms(self._watches.delay_buckets, 0.50),
+                "delay_p99_ms": quantile_ms(self._watches.delay_buckets, 0.99),
             },
             "counters": {
                 "requests": calls.requests,
@@ -311,6 +323,25 @@ def families(snap: dict[str, Any]) -> list[Any]:
     for outcome, n in liveness["routes"].items():
         routes.add_metric((outcome,), n)
     result.append(routes)
+    watch = snap["watch"]
+    gauge("statefuld_watches_open", "Watches open on this daemon now.", watch["open"])
+    counter("statefuld_watch_events", "Watch events sent.", watch["events_sent"])
+    gaps = CounterMetricFamily("statefuld_watch_gaps", "snapshot/gap events owed, by cause: slow_reader (a "
+                               "watcher's queue overflowed), resubscribe (the subscription to Redis was "
+                               "interrupted, the topology changed, or a read failed).", labels=("cause",))
+    for cause, n in watch["gaps"].items():
+        gaps.add_metric((cause,), n)
+    result.append(gaps)
+    counter("statefuld_watch_subscription_reconnects", "Watch subscriptions to Redis made again after a loss.",
+            watch["subscription_reconnects"])
+    delay = HistogramMetricFamily("statefuld_watch_event_delay_seconds",
+                                  "From a keyspace notification's arrival to its event's send.")
+    cumulative, running = [], 0
+    for le, n in zip(bounds, watch["delay_buckets"], strict=True):
+        running += n
+        cumulative.append((le, running))
+    delay.add_metric((), cumulative, 0.0)
+    result.append(delay)
     gauge("statefuld_start_time_seconds", "Start time of the daemon, seconds since the epoch.", snap["start_time_s"])
     info = GaugeMetricFamily("statefuld_build_info", "The daemon's version (value 1).", labels=("version",))
     info.add_metric((snap["version"],), 1)

@@ -25,7 +25,7 @@ import msgpack
 from statefuld.config import Config
 
 if TYPE_CHECKING:
-    from statefuld.calls import Reply
+    from statefuld.calls import Notify, Reply
 
 log = logging.getLogger("statefuld.protocol")
 
@@ -53,12 +53,13 @@ class Session(Protocol):
 
     def submit(self, msgid: int | None, name: str, params: Any, read_at: float, /) -> None: ...
     def closed(self) -> None: ...
+    def writable(self) -> None: ...
 
 
 class Connections:
     """What every connection shares: limits, who may connect, the open connections, the counts."""
 
-    def __init__(self, config: Config, open_session: Callable[[Reply], Session]) -> None:
+    def __init__(self, config: Config, open_session: Callable[[Reply, Notify], Session]) -> None:
         self.open_session = open_session
         self.max_message_bytes = config.max_message_bytes
         # One connection may have this many calls running; past it the daemon stops reading it
@@ -189,7 +190,7 @@ class RpcProtocol(asyncio.Protocol):
         if (shared.allow_uids or shared.allow_gids) and not self._check_peer(transport):
             return
         self._reading = True
-        self._session = shared.open_session(self._call_ended)
+        self._session = shared.open_session(self._call_ended, self._notify)
         if shared.draining:  # accepted just before the listener closed
             self._close("the daemon is shutting down")
 
@@ -249,6 +250,8 @@ class RpcProtocol(asyncio.Protocol):
         self._write_paused = False
         if self._transport is not None and not self._closing and not self._holding and not self._shared.draining:
             self._transport.resume_reading()
+        if self._session is not None and not self._closing:
+            self._session.writable()
 
     # --- bytes in ----------------------------------------------------------------------------
 
@@ -392,6 +395,17 @@ class RpcProtocol(asyncio.Protocol):
             self._loop.call_soon(self._resume_input)  # type: ignore[union-attr]
         if self._eof and not self._pending:
             self._close("peer finished sending")
+
+    def _notify(self, method: str, params: Any) -> bool:
+        """The callback this connection hands its Session: send a notification, unless the peer
+        is not reading (then the sender keeps it until ``writable``)."""
+        if self._write_paused or self._closing or self._transport is None:
+            return False
+        self._out.append(self._shared.packer.pack([NOTIFICATION, method, params]))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)  # type: ignore[union-attr]
+        return True
 
     def flush(self) -> None:
         self._flush_scheduled = False

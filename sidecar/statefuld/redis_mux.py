@@ -77,6 +77,13 @@ class Then:
 Recover = Callable[["ReplyError"], "Awaitable[Any] | None"]
 
 
+# A pub/sub connection's messages (``[b"message", channel, payload]``, ``[b"pmessage", pattern,
+# channel, payload]``), handed to the callback its RedisMux was made with; the confirmations of
+# SUBSCRIBE and its kin are replies like any other.
+Push = Callable[[list[Any]], None]
+_PUSHED = (b"message", b"pmessage")
+
+
 class ReplyError(RpcError):
     """A Redis error reply, answered to the caller as INTERNAL; ``kind`` is its first word
     (``NOSCRIPT``, ``WRONGTYPE``, ``MOVED`` ...) and ``reply`` the whole text."""
@@ -164,9 +171,10 @@ class _Connection(asyncio.Protocol):
     decoders) in the order they were written, which is the order Redis answers them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_lost: Callable[[_Connection], None],
-                 busy_poll_s: float = 0.0) -> None:
+                 busy_poll_s: float = 0.0, push: Push | None = None) -> None:
         self._loop = loop
         self._on_lost = on_lost
+        self._push = push
         self._busy_poll_s = busy_poll_s
         self._poll_until = 0.0
         self._reader = hiredis.Reader(replyError=reply_error, notEnoughData=_NOT_ENOUGH_DATA)
@@ -223,6 +231,9 @@ class _Connection(asyncio.Protocol):
         waiting = self._waiting
         try:
             while (reply := reader.gets()) is not _NOT_ENOUGH_DATA:
+                if self._push is not None and type(reply) is list and reply and reply[0] in _PUSHED:
+                    self._push(reply)  # a message of a subscription: nobody's reply
+                    continue
                 future, decode, recover = waiting.popleft()
                 if future.done():  # its caller was cancelled: the reply is consumed and dropped
                     continue
@@ -310,8 +321,13 @@ class RedisMux:
     call (or ``connect()``) connects.
     """
 
-    def __init__(self, endpoint: Endpoint, *, reconnect_backoff_s: float = 0.1) -> None:
+    def __init__(self, endpoint: Endpoint, *, reconnect_backoff_s: float = 0.1, push: Push | None = None,
+                 on_lost: Callable[[], None] | None = None) -> None:
+        """``push``: this is a pub/sub connection, its messages go there. ``on_lost``: called when
+        a connection that was up is lost (the next command connects again)."""
         self.endpoint = endpoint
+        self._push = push
+        self._lost_callback = on_lost
         self._reconnect_backoff_s = reconnect_backoff_s
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
@@ -399,13 +415,15 @@ class RedisMux:
         conn.commands = conn.writes = 0
         if self._conn is conn:
             self._conn = None
+            if self._lost_callback is not None and not self._closed:
+                self._lost_callback()
 
     async def _open(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         ep = self.endpoint
         conn: _Connection | None = None
 
         def factory() -> _Connection:
-            return _Connection(loop, self._on_lost, ep.busy_poll_s)
+            return _Connection(loop, self._on_lost, ep.busy_poll_s, self._push)
 
         try:
             async with asyncio.timeout(ep.connect_timeout_s):

@@ -17,6 +17,7 @@ from statefuld.config import Config
 from statefuld.errors import InvalidArgument, UnknownMethod
 from statefuld.executor import Executor
 from statefuld.liveness import Holds
+from statefuld.watch import Watches, check_watch_id
 
 MAX_INT32 = 2**31 - 1
 NAME_MAX_BYTES = 128
@@ -202,6 +203,9 @@ METHODS: dict[str, Method] = {
         Method("route_user", (NS, UID, SERVICE, PERSIST)),
         Method("hold_pod", (NS, SERVICE, POD_ID, STATE, LOAD), of_connection=True),
         Method("describe_pods", (NS, SERVICE)),
+        Method("watch_service", (NS, SERVICE), of_connection=True),
+        Method("watch_links", (NS, SERVICE), of_connection=True),
+        Method("unwatch", (("watch_id", check_watch_id),), of_connection=True),
     )
 }
 
@@ -233,6 +237,8 @@ class Connection(Protocol):
     error_format: str
 
     def on_close(self, callback: Callable[[], None], /) -> None: ...
+    def on_writable(self, callback: Callable[[], None], /) -> None: ...
+    def notify(self, method: str, params: Any, /) -> bool: ...
 
 
 class Dispatcher:
@@ -246,9 +252,12 @@ class Dispatcher:
         self._config = config
         # The pods held through this daemon: hold_pod's connections, and the loads they heartbeat.
         self.holds = holds = Holds(executor, config)
+        # The watches of this daemon's connections, and the subscriptions under them.
+        self.watches = watches = Watches(executor, config)
         own: dict[str, Callable[..., Awaitable[Any]]] = {
             "ping": self._ping, "stats": self._stats, "set_error_format": self._set_error_format,
-            "hold_pod": holds.hold, "report_pod_load": holds.report_pod_load}
+            "hold_pod": holds.hold, "report_pod_load": holds.report_pod_load,
+            "watch_service": watches.watch_service, "watch_links": watches.watch_links, "unwatch": watches.unwatch}
         self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
             name: own.get(name) or getattr(executor, name) for name in METHODS
         }

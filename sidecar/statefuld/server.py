@@ -159,7 +159,8 @@ class Server:
 
         calls, connections = self._calls, self._connections
         assert calls is not None and connections is not None and self._redis_watch is not None
-        observer = Observer(calls, connections, self._executor, self._redis_watch, self._holds)
+        observer = Observer(calls, connections, self._executor, self._redis_watch, self._holds,
+                            self._dispatcher.watches)
         self._dispatcher.stats = observer.snapshot
         if config.metrics_addr is not None:
             self._start_metrics(observer, config.metrics_addr)
@@ -341,6 +342,8 @@ class Server:
         """Everything start-up acquired, in reverse; runs after a clean stop and after a failed start."""
         if self._holds is not None:
             await self._holds.stop()
+        if self._dispatcher is not None:
+            await self._dispatcher.watches.close()
         for task in (self._watchdog, self._redis_watch_task):
             if task is not None:
                 task.cancel()

@@ -57,6 +57,11 @@ class Transport(Protocol):
     def group_by_node(self, keys: Sequence[str]) -> list[list[int]]: ...
     async def on_every_node(self, *args: Any) -> list[Any]: ...
     def primaries(self) -> list[Callable[..., Awaitable[Any]]]: ...
+    def primary_endpoints(self) -> list[Endpoint]: ...
+    # Grows when which node serves which keys changed (a failover, a resharding): whatever
+    # follows the nodes itself (the watch subscriptions) must assume it missed something.
+    @property
+    def topology_changes(self) -> int: ...
     async def connect(self) -> None: ...
     async def close(self) -> None: ...
     def describe(self) -> str: ...
@@ -157,6 +162,8 @@ class _Retired:
 class StandaloneTransport:
     """One Redis server (or whatever one URL names): every key lives on the one node."""
 
+    topology_changes = 0  # one node, whatever happens to it
+
     def __init__(self, endpoint: Endpoint) -> None:
         self._mux = RedisMux(endpoint)
 
@@ -176,6 +183,10 @@ class StandaloneTransport:
     def primaries(self) -> list[Callable[..., Awaitable[Any]]]:
         """One ``execute(*args)`` per primary: what walks the whole keyspace (SCAN) uses."""
         return [self._mux.execute]
+
+    def primary_endpoints(self) -> list[Endpoint]:
+        """Where each primary is: what a subscription to every primary connects to."""
+        return [self._mux.endpoint]
 
     async def connect(self) -> None:
         await self._mux.connect()
@@ -215,6 +226,7 @@ class ClusterTransport:
         self.refreshes = 0
         self.redirects = 0
         self.switches = 0
+        self.topology_changes = 0
 
     # --- routing -----------------------------------------------------------------------------
 
@@ -311,6 +323,9 @@ class ClusterTransport:
             raise Unavailable("no Redis Cluster primary is known")
         return [mux.execute for mux in primaries]
 
+    def primary_endpoints(self) -> list[Endpoint]:
+        return [mux.endpoint for mux in self._current_primaries()]
+
     def _current_primaries(self) -> list[RedisMux]:
         return list({id(mux): mux for mux in self._slots if mux is not None}.values())
 
@@ -402,6 +417,7 @@ class ClusterTransport:
             slots[first:stop] = [self._primary(owner_address)] * (stop - first)
             replicas.extend(address(node) for node in others)
         changed = any(new is not old for new, old in zip(slots, self._slots, strict=True))
+        first_table = all(mux is None for mux in self._slots)
         self._slots = slots
         self._replicas = replicas
         serving = {id(mux) for mux in slots if mux is not None}
@@ -418,6 +434,8 @@ class ClusterTransport:
             log.warning("Redis Cluster primary %s:%d replaced: its slots are served by %s:%d now",
                         url_host(old[0]), old[1], url_host(new[0]), new[1])
         if changed:
+            if not first_table:
+                self.topology_changes += 1
             log.info("Redis Cluster topology: %s", self.describe())
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -557,6 +575,16 @@ class SentinelTransport:
 
     def primaries(self) -> list[Callable[..., Awaitable[Any]]]:
         return [self.execute_any]
+
+    def primary_endpoints(self) -> list[Endpoint]:
+        if self._mux is None:
+            self.request_resolve()
+            return []
+        return [self._mux.endpoint]
+
+    @property
+    def topology_changes(self) -> int:
+        return self.switches
 
     # --- finding the primary ---------------------------------------------------------------------
 

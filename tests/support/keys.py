@@ -5,7 +5,7 @@ from __future__ import annotations
 
 NS, SVC = "game", "lobby"
 
-# The contract's methods (SPEC sections 2, 2b and 2c) and their params in wire order, written out from
+# The contract's methods (SPEC sections 2, 2b, 2c and 2d) and their params in wire order, written out from
 # the contract itself, independently of the daemon's and the client's own tables.
 CONTRACT_METHODS: dict[str, list[str]] = {
     "ping": [], "health": [],
@@ -27,6 +27,9 @@ CONTRACT_METHODS: dict[str, list[str]] = {
     "compute_linked_pod": ["ns", "uid", "service", "persist_seconds"],
     "route_user": ["ns", "uid", "service", "persist_seconds"],
     "hold_pod": ["ns", "service", "pod_id", "state", "load"],
+    "watch_service": ["ns", "service"],
+    "watch_links": ["ns", "service"],
+    "unwatch": ["watch_id"],
 }
 
 
