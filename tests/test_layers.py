@@ -12,7 +12,8 @@ from support import REPO
 
 PACKAGE = REPO / "sidecar" / "statefuld"
 # Top to bottom: a request goes down this list, its answer comes back up.
-PATH = ("protocol", "calls", "rpc", "watch", "liveness", "executor", "notifications", "scripts", "transports", "redis_mux")
+PATH = ("protocol", "calls", "rpc", "watch", "liveness", "executor", "notifications", "scripts", "transports",
+        "redis_mux")
 # Beside the path, usable from any step: they import nothing of the path themselves.
 SIDE = ("config", "errors", "metrics")
 

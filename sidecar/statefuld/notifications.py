@@ -33,7 +33,10 @@ _ALL = "g$lshzxetd"  # what the class "A" stands for
 FOLLOW_INTERVAL_S = 0.5
 _RETRY_FIRST_S = 0.05
 _RETRY_MAX_S = 1.0
-_PROBE_TIMEOUT_S = 2.0
+# Well inside a request's deadline: the events of a probe come within milliseconds when they come.
+_PROBE_TIMEOUT_S = 0.5
+# A probe that failed is believed this long: watch calls meanwhile fail at once.
+_PROBE_FAILED_FOR_S = 5.0
 # The probe key (only where CONFIG is refused): under the prefix, outside the layout, short-lived.
 PROBE_MARK = "__statefuld_probe__"
 
@@ -140,6 +143,7 @@ class Notifications:
         self._probe: tuple[str, set[bytes], asyncio.Event] | None = None
         self.verified = False  # notifications seen to arrive (CONFIG said so, or the probe saw them)
         self.problem: str | None = None
+        self._probed_at = -1e9
         self.reconnects = 0
         self._failure_logged_s = -1.0
 
@@ -240,7 +244,10 @@ class Notifications:
             return
         if self.verified:
             return
+        if self.problem is not None and time.monotonic() - self._probed_at < _PROBE_FAILED_FOR_S:
+            raise FailedPrecondition(self.problem)
         missing = await self._run_probe()
+        self._probed_at = time.monotonic()
         if not missing:
             self.verified, self.problem = True, None
             log.info("keyspace notifications arrive (probed; %s)", refused[0])
