@@ -124,7 +124,7 @@ def send_and_check(h: Hostile, payload: bytes) -> list[list[Any]]:
 
 METHOD_PARAMS = CONTRACT_METHODS
 VALID = {"ns": "game", "service": "lobby", "uid": "alice", "pod_id": 3, "state": "Ready",
-         "persist_seconds": -1, "load": 5, "services": ["lobby", "arena"], "uids": ["alice", "bob"]}
+         "persist_seconds": -1, "load": 5, "services": ["lobby", "arena"], "uids": ["alice", "bob"], "watch_id": 1}
 
 # Bytes that stand for a str whose content is not UTF-8: spliced into a packed message in place of
 # a marker string (msgpack refuses to pack such a str itself).
@@ -159,7 +159,7 @@ WRONG_FOR = {
     ),
 }
 KIND = {"ns": "str", "service": "str", "uid": "str", "state": "str", "pod_id": "int", "load": "int",
-        "persist_seconds": "int", "services": "list", "uids": "list"}
+        "persist_seconds": "int", "services": "list", "uids": "list", "watch_id": "int"}
 
 
 def pack(message: Any) -> bytes:

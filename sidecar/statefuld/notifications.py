@@ -211,6 +211,8 @@ class Notifications:
     def _reconcile(self) -> bool:
         """Subscribers for exactly the current primaries; True if that changed anything."""
         endpoints = {e.describe(): e for e in self._transport.primary_endpoints()}
+        if not endpoints and self._subscribers:
+            return False  # between two primaries (a failover): keep trying the old until one is named
         changed = self._transport.topology_changes != self._topology and self._topology != -1
         self._topology = self._transport.topology_changes
         first = not self._subscribers
