@@ -86,8 +86,14 @@ def kept_against_get(socket_path: str, pid: int, runs: int, duration_s: float) -
     lines = ["| operation, 2x32 callers | ops/s (median) | p50 ms | daemon CPU µs/call |", "|---|---|---|---|"]
     for name in rows:
         lines.append(f"| {name} | {med[name]:,.0f} | {p50[name]:.3f} | {cpu[name]:.1f} |")
-    lines.append(f"\nroute_user (kept) costs {med['get_linked_pod'] / med['route_user']:.2f}x get_linked_pod "
-                 f"in throughput, {cpu['route_user'] / cpu['get_linked_pod']:.2f}x in daemon CPU per call.")
+    # Ratios of the rows of one round (side by side), then their median, as benchmarks/run.py does.
+    throughput = statistics.median(g.ops_s / r.ops_s for g, r in zip(samples["get_linked_pod"],
+                                                                     samples["route_user"], strict=True))
+    cpu_ratio = statistics.median(r.server_cpu_us / g.server_cpu_us for g, r in zip(samples["get_linked_pod"],
+                                                                                   samples["route_user"],
+                                                                                   strict=True))
+    lines.append(f"\nroute_user (kept) costs {throughput:.2f}x get_linked_pod in throughput, {cpu_ratio:.2f}x in "
+                 f"daemon CPU per call (medians of the per-round ratios).")
     return lines
 
 
@@ -116,7 +122,7 @@ def _storm_worker(socket_path: str, process: int, processes: int, barrier: Any, 
 def storm(socket_path: str, redis_client: Any, runs: int) -> list[str]:
     from statefuld_client import Client
 
-    times, per_user = [], []
+    times, per_user, sent_per_user = [], [], []
     for _ in range(runs):
         seed_links(socket_path, lambda i: DEAD_POD)
         with Client(socket_path) as client:
@@ -124,6 +130,7 @@ def storm(socket_path: str, redis_client: Any, runs: int) -> list[str]:
             for pod in range(PODS):
                 client.report_pod_load(NS, SERVICE, pod, 0)
         commands_before = int(redis_client.info("stats")["total_commands_processed"])
+        sent_before = daemon_commands(socket_path)
         ctx = multiprocessing.get_context("fork")
         barrier = ctx.Barrier(3)
         pipes, procs = [], []
@@ -139,13 +146,22 @@ def storm(socket_path: str, redis_client: Any, runs: int) -> list[str]:
         times.append(time.perf_counter() - started)
         for proc in procs:
             proc.join()
-        # Minus the 2 INFO calls of this measurement itself.
+        # Minus the INFO call of this measurement itself.
         commands = int(redis_client.info("stats")["total_commands_processed"]) - commands_before - 1
         assert moved == USERS, f"{moved} of {USERS} moved"
         per_user.append(commands / USERS)
+        sent_per_user.append((daemon_commands(socket_path) - sent_before) / USERS)
     return [f"failover storm: {USERS:,} users of a Down pod routed by 2x32 callers: every user moved in "
             f"{statistics.median(times):.2f} s (median of {runs}; {USERS / statistics.median(times):,.0f} "
-            f"moves/s), {statistics.median(per_user):.2f} Redis commands per moved user"]
+            f"moves/s); per moved user the daemon sent {statistics.median(sent_per_user):.2f} commands (round "
+            f"trips), which Redis counts as {statistics.median(per_user):.2f} with the scripts' own calls"]
+
+
+def daemon_commands(socket_path: str) -> int:
+    from statefuld_client import Client
+
+    with Client(socket_path) as client:
+        return int(client.call("stats")["redis"]["commands"])
 
 
 def idle_hold(redis_url: str, idle_s: float) -> list[str]:
@@ -178,7 +194,8 @@ def main() -> None:
         with Client(daemon.socket_path) as client:
             holds = [client.hold_pod(NS, SERVICE, pod, "Ready", 0) for pod in range(PODS)]
             try:
-                lines = kept_against_get(daemon.socket_path, daemon.proc.pid, args.runs, args.duration_s)
+                lines = kept_against_get(daemon.socket_path, daemon.proc.pid, args.runs, args.duration_s) \
+                    if args.runs else []
                 if args.storm_runs:
                     lines += ["", *storm(daemon.socket_path, server.client(), args.storm_runs)]
             finally:

@@ -8,9 +8,9 @@ measures:
 - delay: a write through daemon A (its reply received) to its event at a watcher on daemon B,
   one write at a time on an idle machine: p50 and p99;
 - expiry lag: a temporary link's TTL end to its "expired" event;
-- sustained link changes: writers change links as fast as they can for --flood-s seconds while 10,
-  then 100, watchers (AsyncWatch, one connection each) read every event: events/s delivered per
-  watcher and the gaps;
+- sustained link changes: two writers change links for --flood-s seconds while 10,
+  then 100, watchers (AsyncWatch, one connection each, in two processes) read every event, at a
+  fixed rate of changes, several rates: events/s delivered per watcher and the gaps;
 - polling against watching: Redis commands and bytes a gateway costs for a service of 100 pods,
   polling get_service_state every 100 ms, or watching it, with one pod changing state a second.
 """
@@ -76,57 +76,91 @@ async def expiry_lag(socket_path: str, runs: int) -> str:
             f"{statistics.median(lags) * 1000:.0f} ms, max {max(lags) * 1000:.0f} ms")
 
 
-def _writer(redis_socket: str, stop_at: float, index: int) -> None:
+def _writer(redis_socket: str, stop_at: float, index: int, per_s: float) -> None:
     import redis
 
     r = redis.Redis(unix_socket_path=redis_socket)
     n = 0
+    started = time.time()
     while time.time() < stop_at:
         with r.pipeline(transaction=False) as pipe:
-            for _ in range(100):
+            for _ in range(50):
                 pipe.set(f"sf:{{{NS}:lk:w{index}-{n % 5000}}}{SERVICE}", str(n % 16))
                 n += 1
             pipe.execute()
+        ahead_s = n / per_s - (time.time() - started)
+        if ahead_s > 0:
+            time.sleep(ahead_s)
 
 
-async def flood(daemon_socket: str, redis_socket: str, watchers: int, seconds: float) -> str:
+def _watchers(daemon_socket: str, count: int, seconds: float, ready: Any, out: Any) -> None:
+    """``count`` watchers in this process, reading every event until the writers are done."""
     from statefuld_client import AsyncClient
 
-    clients = [AsyncClient(daemon_socket) for _ in range(watchers)]
-    watches = [await c.watch_links(NS, SERVICE) for c in clients]
-    counts = [0] * watchers
-    gaps = [0] * watchers
-    stop = asyncio.Event()
+    async def run() -> tuple[list[int], list[int]]:
+        clients = [AsyncClient(daemon_socket) for _ in range(count)]
+        watches = [await c.watch_links(NS, SERVICE) for c in clients]
+        counts, gaps = [0] * count, [0] * count
+        ready.wait()
+        stop_at = time.monotonic() + seconds + 1.0  # and the tail
 
-    async def drain(i: int) -> None:
-        while not stop.is_set():
-            try:
-                event = await asyncio.wait_for(watches[i].__anext__(), 1.0)
-            except TimeoutError:
-                continue
-            if event["kind"] == "gap":
-                gaps[i] += 1
-            else:
-                counts[i] += 1
+        async def drain(i: int) -> None:
+            while time.monotonic() < stop_at:
+                try:
+                    event = await asyncio.wait_for(watches[i].__anext__(), max(0.01, stop_at - time.monotonic()))
+                except TimeoutError:
+                    return
+                if event["kind"] == "gap":
+                    gaps[i] += 1
+                else:
+                    counts[i] += 1
 
-    tasks = [asyncio.create_task(drain(i)) for i in range(watchers)]
+        await asyncio.gather(*(drain(i) for i in range(count)))
+        for w, c in zip(watches, clients, strict=True):
+            await w.aclose()
+            await c.aclose()
+        return counts, gaps
+
+    out.send(asyncio.run(run()))
+
+
+def flood(daemon_socket: str, redis_socket: str, watchers: int, per_s: float, seconds: float) -> tuple[float, int]:
+    """Link changes at ``per_s`` a second for ``seconds``, watched by ``watchers`` spread over two
+    processes: (events delivered per watcher a second, median; gaps in all)."""
     ctx = multiprocessing.get_context("fork")
+    ready = ctx.Barrier(3)
+    pipes, procs = [], []
+    for half in (watchers // 2, watchers - watchers // 2):
+        receiver, sender = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_watchers, args=(daemon_socket, half, seconds, ready, sender))
+        proc.start()
+        pipes.append(receiver)
+        procs.append(proc)
+    ready.wait(timeout=60)
     stop_at = time.time() + seconds
-    procs = [ctx.Process(target=_writer, args=(redis_socket, stop_at, i)) for i in range(2)]
-    started = time.perf_counter()
-    for p in procs:
-        p.start()
-    await asyncio.to_thread(lambda: [p.join() for p in procs])
-    elapsed = time.perf_counter() - started
-    await asyncio.sleep(1.0)  # the tail
-    stop.set()
-    await asyncio.gather(*tasks)
-    for w, c in zip(watches, clients, strict=True):
-        await w.aclose()
-        await c.aclose()
-    rate = statistics.median(counts) / elapsed
-    return (f"{watchers} watchers of a service's links, 2 writers at full speed for {elapsed:.1f} s: "
-            f"{rate:,.0f} events/s delivered to each (median), {sum(gaps)} gaps in all")
+    writers = [ctx.Process(target=_writer, args=(redis_socket, stop_at, i, per_s / 2)) for i in range(2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    counts, gaps = [], 0
+    for pipe in pipes:
+        c, g = pipe.recv()
+        counts += c
+        gaps += sum(g)
+    for proc in procs:
+        proc.join()
+    return statistics.median(counts) / seconds, gaps
+
+
+def sustained(daemon_socket: str, redis_socket: str, seconds: float) -> list[str]:
+    lines = []
+    for watchers, rates in ((10, (1000, 2000, 4000, 8000)), (100, (250, 500, 1000, 2000))):
+        for per_s in rates:
+            delivered, gaps = flood(daemon_socket, redis_socket, watchers, per_s, seconds)
+            lines.append(f"{watchers} watchers, link changes at {per_s:,}/s for {seconds:.0f} s: "
+                         f"{delivered:,.0f} events/s delivered to each (median), {gaps} gaps")
+    return lines
 
 
 async def poll_or_watch(daemon_socket: str, redis: Any, seconds: float) -> list[str]:
@@ -148,7 +182,8 @@ async def poll_or_watch(daemon_socket: str, redis: Any, seconds: float) -> list[
             stats = redis.info("stats")
             return int(stats["total_commands_processed"]), int(stats["total_net_output_bytes"])
 
-        for how in ("polling every 100 ms", "watching"):
+        for how in ("changing alone (the baseline: the changes, the daemons' health checks)",
+                    "polling every 100 ms", "watching"):
             before = measure()
             stop_at = time.monotonic() + seconds
             changer = asyncio.create_task(changes(stop_at))
@@ -160,15 +195,16 @@ async def poll_or_watch(daemon_socket: str, redis: Any, seconds: float) -> list[
                             await asyncio.wait_for(watch.__anext__(), max(0.01, stop_at - time.monotonic()))
                         except TimeoutError:
                             break
-            else:
+            elif how.startswith("polling"):
                 while time.monotonic() < stop_at:
                     await client.get_service_state(NS, "hundred")
                     await asyncio.sleep(0.1)
+            else:
+                await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
             await changer
             after = measure()
-            # Minus the changes' own commands (one HSET a second) and the two INFO calls.
-            commands = after[0] - before[0] - int(seconds) - 2
-            lines.append(f"a gateway {how}, service of 100 pods, one change a second: "
+            commands = after[0] - before[0]
+            lines.append(f"{how}, service of 100 pods, one change a second: "
                          f"{commands / seconds:.1f} Redis commands/s, {(after[1] - before[1]) / seconds / 1024:.1f} "
                          f"KiB/s out of Redis")
     return lines
@@ -185,8 +221,7 @@ def main() -> None:
     with running(RedisServer()) as server, running(Daemon(server.url)) as a, running(Daemon(server.url)) as b:
         lines = [asyncio.run(delay(a.socket_path, b.socket_path, args.writes)),
                  asyncio.run(expiry_lag(b.socket_path, args.expiries))]
-        for watchers in (10, 100):
-            lines.append(asyncio.run(flood(b.socket_path, server.socket_path, watchers, args.flood_s)))
+        lines += sustained(b.socket_path, server.socket_path, args.flood_s)
         lines += asyncio.run(poll_or_watch(b.socket_path, server.client(), args.poll_s))
     print("\n".join(lines))
 

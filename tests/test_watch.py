@@ -181,6 +181,18 @@ def test_a_whole_state_hash_deleted_gives_each_pod_removed(daemon: Daemon, watch
     assert sorted((e["pod_id"], e["state"]) for _, e in events) == [(1, None), (2, None)]
 
 
+def test_glob_characters_in_names_match_only_themselves(daemon: Daemon, watchers: Any,
+                                                        redis_db: redis.Redis) -> None:
+    watcher = watchers(daemon.socket_path)
+    error, _ = watcher.call("watch_links", "g*", "a?[b]")
+    assert error is None
+    for ns, service, uid in (("gX", "a?[b]", "wrong-ns"), ("g*", "aX[b]", "wrong-service"), ("g*", "a?b", "no"),
+                             ("g*", "a?[b]", "right")):
+        assert rpc_call(daemon.socket_path, "set_linked_pod", [ns, uid, service, 1, -1]) == (None, None)
+    events = watcher.until(lambda ev: len(ev) >= 1)
+    assert [e["uid"] for _, e in events] == ["right"]
+
+
 def test_unwatch_ends_the_events_and_ids_are_checked(daemon: Daemon, watchers: Any, redis_db: redis.Redis) -> None:
     watcher = watchers(daemon.socket_path)
     _, first = watcher.call("watch_service", NS, SVC)

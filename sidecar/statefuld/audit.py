@@ -19,6 +19,7 @@ from typing import Any
 from statefuld.config import Config
 from statefuld.errors import InvalidArgument
 from statefuld.executor import Keys, PodRules, parse_pod_id, parse_report, pod_states
+from statefuld.notifications import PROBE_MARK
 from statefuld.redis_mux import ReplyError
 from statefuld.rpc import check_name, check_uid
 from statefuld.transports import Transport, detect_mode, make_transport
@@ -176,7 +177,10 @@ class Audit:
 
     async def _classify(self, keys: list[str]) -> None:
         parsed: list[tuple[str, LayoutKey]] = []
+        probe = f"{self._prefix}:{PROBE_MARK}:"
         for key in keys:
+            if key.startswith(probe):
+                continue  # a watch's probe key, gone within a millisecond
             result = parse_key(key, self._prefix)
             if isinstance(result, str):
                 self.report.add(result, key)
