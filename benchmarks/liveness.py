@@ -184,9 +184,11 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=2.5)
     parser.add_argument("--storm-runs", type=int, default=3)
     parser.add_argument("--idle-s", type=float, default=60.0)
+    parser.add_argument("--alive-cache-ms", type=int, default=None, help="the daemon's option (default: its own)")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    with running(RedisServer()) as server, running(Daemon(server.url)) as daemon:
+    daemon_args = [] if args.alive_cache_ms is None else ["--alive-cache-ms", str(args.alive_cache_ms)]
+    with running(RedisServer()) as server, running(Daemon(server.url, args=daemon_args)) as daemon:
         assert daemon.proc is not None
         seed_links(daemon.socket_path, lambda i: i % PODS)
         from statefuld_client import Client

@@ -23,6 +23,7 @@ UIDS = 10_000
 PODS = 16
 BATCH = 100
 STALE_MS = 10_000  # the daemon's default --load-stale-ms
+GONE_MS = 30_000  # the daemon's default --gone-after-ms
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
@@ -154,20 +155,23 @@ def direct_async(redis_socket: str, sha: str, op: str) -> AsyncSetup:
             return await (get if kind == "get" else set_ if kind == "set" else batch)(caller, iteration)
 
         token = os.urandom(4).hex()
-        pick_sha, if_absent_sha = script_sha("pick_pod"), script_sha("set_linked_pod_if_absent")
+        pick_sha, replace_sha = script_sha("pick_pod"), script_sha("replace_linked_pod")
 
         async def compute(caller: int, iteration: int) -> Any:
-            # What an application would do without the daemon: the executor's three steps itself.
+            # What an application would do without the daemon: route_user's three steps itself
+            # (read the link; judge its pod and pick; link only if the link is still as read).
             u = new_uid(token, process, caller, iteration)
             existing = await client.execute_command("GET", link_key(u))
-            if existing is not None:
+            linked = b"" if existing is None else existing
+            pod = await client.execute_command("EVALSHA", pick_sha, 2, state_key(), load_key(), linked, STALE_MS,
+                                               GONE_MS, random.random(), random.random(), 1, "Ready", "Down")
+            if pod == 0:
                 return int(existing)
-            pod = await client.execute_command("EVALSHA", pick_sha, 2, state_key(), load_key(), STALE_MS,
-                                               random.random(), random.random(), "Ready")
             if pod is None:
                 return None
-            return pod_of(await client.execute_command(
-                "EVALSHA", if_absent_sha, 2, links_hash_key(u), link_key(u), SERVICE, int(pod), -1))
+            written, current = await client.execute_command(
+                "EVALSHA", replace_sha, 2, links_hash_key(u), link_key(u), SERVICE, linked, int(pod), -1)
+            return int(pod) if written else pod_of(current)
 
         ops = {"get_linked_pod": get, "set_linked_pod": set_, "mixed": mixed, "compute_linked_pod": compute}
         return ops[op], client.aclose

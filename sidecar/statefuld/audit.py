@@ -104,26 +104,35 @@ def parse_key(key: str, prefix: str) -> LayoutKey | str:
     if kind not in _KINDS_OF_KEY:
         # An ns holding ':' ("a:b:lk:uid") is a name statefuld refuses, not a foreign key.
         return "refused_names" if any(f":{k}:" in tag for k in _KINDS_OF_KEY) else "layout_broken"
-    parsed: LayoutKey
-    if kind == "state" and suffix in ("", "load"):
-        parsed = LayoutKey("load" if suffix else "state", ns, name)
-    elif kind == "workload" and not suffix:
-        parsed = LayoutKey("workload", ns, name)
-    elif kind == "lk":
-        parsed = LayoutKey("link" if suffix else "link_hash", ns, name, suffix)
-    else:
+    parsed = _layout_key(kind, ns, name, suffix)
+    if parsed is None:
         return "layout_broken"
+    return parsed if _names_accepted(parsed) else "refused_names"
+
+
+def _layout_key(kind: str, ns: str, name: str, suffix: str) -> LayoutKey | None:
+    if kind == "state" and suffix in ("", "load"):
+        return LayoutKey("load" if suffix else "state", ns, name)
+    if kind == "workload" and not suffix:
+        return LayoutKey("workload", ns, name)
+    if kind == "lk":
+        return LayoutKey("link" if suffix else "link_hash", ns, name, suffix)
+    return None
+
+
+def _names_accepted(key: LayoutKey) -> bool:
+    """Whether statefuld's argument rules let a call name this key's ns, service and uid."""
     try:
-        check_name("ns", ns, _ANY_CONFIG)
-        if kind == "lk":
-            check_uid("uid", name, _ANY_CONFIG)
-            if suffix:
-                check_name("service", suffix, _ANY_CONFIG)
+        check_name("ns", key.ns, _ANY_CONFIG)
+        if key.kind in ("link", "link_hash"):
+            check_uid("uid", key.name, _ANY_CONFIG)
+            if key.service:
+                check_name("service", key.service, _ANY_CONFIG)
         else:
-            check_name("service", name, _ANY_CONFIG)
+            check_name("service", key.name, _ANY_CONFIG)
     except InvalidArgument:
-        return "refused_names"
-    return parsed
+        return False
+    return True
 
 
 _ANY_CONFIG = Config(socket_path="unused")

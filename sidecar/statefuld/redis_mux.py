@@ -246,15 +246,7 @@ class _Connection(asyncio.Protocol):
                 elif decode is None:
                     future.set_result(reply)
                 else:
-                    try:
-                        result = decode(reply)
-                    except Exception as exc:  # the decoder's verdict on what Redis holds (an RpcError), or a bug
-                        future.set_exception(exc)
-                    else:
-                        if type(result) is Then:
-                            _follow(future, result.work)
-                        else:
-                            future.set_result(result)
+                    _decoded(future, decode, reply)
         except IndexError:
             self._fail("Redis sent a reply nobody asked for; connection dropped")
         except hiredis.ProtocolError as exc:
@@ -290,6 +282,18 @@ class _Connection(asyncio.Protocol):
             self.lost_reason = reason
         if self._transport is not None:
             self._transport.close()
+
+
+def _decoded(future: asyncio.Future[Any], decode: Decode, reply: Any) -> None:
+    try:
+        result = decode(reply)
+    except Exception as exc:  # the decoder's verdict on what Redis holds (an RpcError), or a bug
+        future.set_exception(exc)
+        return
+    if type(result) is Then:
+        _follow(future, result.work)
+    else:
+        future.set_result(result)
 
 
 def _follow(future: asyncio.Future[Any], retry: Awaitable[Any]) -> None:
