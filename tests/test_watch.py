@@ -334,11 +334,12 @@ def test_watchers_coming_and_going_leave_no_subscription_fd_or_memory(tmp_daemon
 def test_the_daemon_adds_the_classes_it_needs_and_keeps_the_others(tmp_daemon: DaemonFactory, start: Any) -> None:
     server = start(RedisServer(extra_args=["--notify-keyspace-events", "El"]))
     daemon = tmp_daemon(server.url).start()
-    with Client(daemon.socket_path) as client, client.watch_service(NS, SVC) as events:
-        assert next(events)["kind"] == "snapshot"
+    # At start, before any watch: the classes it needs are added, the others kept, and it says so.
     flags = server.client().config_get("notify-keyspace-events")["notify-keyspace-events"]
     assert set(flags) >= set("ElKg$hx")
-    assert "notify-keyspace-events" in daemon.log()
+    assert "added 'Kg$hx' to notify-keyspace-events" in daemon.log() and "(was 'El')" in daemon.log()
+    with Client(daemon.socket_path) as client, client.watch_service(NS, SVC) as events:
+        assert next(events)["kind"] == "snapshot"
 
 
 ACL_NO_CONFIG = ["--user", "app", "on", ">pw", "~*", "&*", "+@all", "-config"]
@@ -355,7 +356,21 @@ def test_where_config_is_refused_a_probe_decides(preset: str, tmp_daemon: Daemon
         return
     assert error["code"] == "FAILED_PRECONDITION"
     assert "notify-keyspace-events" in error["message"] and "Kg$hx" in error["message"]
+    assert "watches may not work" in daemon.log()  # said at start already
     assert server.client().execute_command("PUBSUB", "NUMPAT") == 0  # nothing left subscribed
+
+
+def test_a_user_without_the_channel_permission_is_told_which(tmp_daemon: DaemonFactory, start: Any) -> None:
+    # The least ACL of docs/OPERATIONS.md ("Security") with the service watches' channels.
+    server = start(RedisServer(extra_args=[
+        "--notify-keyspace-events", "Kg$hx", "--user", "app", "on", ">pw", "~sf:*", "-@all", "+@read", "+@write",
+        "+@scripting", "+@connection", "+time", "+@pubsub", "&__keyspace@0__:sf:*"]))
+    daemon = tmp_daemon(server.url.replace("unix://", "unix://app:pw@", 1)).start()
+    error, result = rpc_call(daemon.socket_path, "watch_service", [NS, SVC])
+    assert error is None and result["states"] == {}
+    error, _ = rpc_call(daemon.socket_path, "watch_links", [NS, SVC])
+    assert error["code"] == "FAILED_PRECONDITION"
+    assert "&__keyspace@0__:sf:{game:lk:*}lobby" in error["message"], error
 
 
 # --- the Python client ------------------------------------------------------------------------------

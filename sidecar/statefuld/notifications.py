@@ -53,6 +53,41 @@ def glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+async def ensure_keyspace_events(execute: Callable[..., Awaitable[Any]], where: str) -> str | None:
+    """Make the node publish what the watches need (adding the classes that lack, never removing
+    one); None when it does, else why that could not be made sure (CONFIG refused)."""
+    try:
+        reply = await execute("CONFIG", "GET", "notify-keyspace-events")
+        current = reply[1].decode() if reply else ""
+    except ReplyError as exc:
+        return f"CONFIG GET was refused ({exc.reply[:100]})"
+    missing = missing_classes(current)
+    if not missing:
+        return None
+    try:
+        await execute("CONFIG", "SET", "notify-keyspace-events", current + missing)
+    except ReplyError as exc:
+        return (f"notify-keyspace-events is {current!r}, lacking {missing!r}, and CONFIG SET was refused "
+                f"({exc.reply[:100]})")
+    log.info("added %r to notify-keyspace-events on %s (was %r) for the watches", missing, where, current,
+             extra={"event": "keyspace_events_set"})
+    return None
+
+
+async def check_at_start(transport: Transport) -> None:
+    """At start: every primary publishes what watches need, or the log says why not (the first
+    watch then probes). Never fails the start: the daemon serves everything else either way."""
+    try:
+        for execute, endpoint in zip(transport.primaries(), transport.primary_endpoints(), strict=False):
+            refused = await ensure_keyspace_events(execute, endpoint.describe())
+            if refused:
+                log.warning("watches may not work: %s; the first watch call will probe whether keyspace "
+                            "notifications arrive", refused, extra={"event": "keyspace_events_refused"})
+                return
+    except (Unavailable, ReplyError) as exc:
+        log.warning("could not check notify-keyspace-events at start: %s", exc)
+
+
 class _Subscriber:
     """One primary's pub/sub connection."""
 
@@ -88,24 +123,7 @@ class _Subscriber:
             return
 
     async def _check_config(self) -> None:
-        self.config_refused = None
-        try:
-            reply = await self.mux.execute("CONFIG", "GET", "notify-keyspace-events")
-            current = reply[1].decode() if reply else ""
-        except ReplyError as exc:
-            self.config_refused = f"CONFIG GET was refused ({exc.reply[:100]})"
-            return
-        missing = missing_classes(current)
-        if not missing:
-            return
-        try:
-            await self.mux.execute("CONFIG", "SET", "notify-keyspace-events", current + missing)
-        except ReplyError as exc:
-            self.config_refused = (f"notify-keyspace-events is {current!r}, lacking {missing!r}, and CONFIG SET "
-                                   f"was refused ({exc.reply[:100]})")
-            return
-        log.info("added %r to notify-keyspace-events on %s (was %r) for the watches", missing,
-                 self.endpoint.describe(), current, extra={"event": "keyspace_events_set"})
+        self.config_refused = await ensure_keyspace_events(self.mux.execute, self.endpoint.describe())
 
     def _lost(self) -> None:
         if self._closed:
@@ -175,6 +193,14 @@ class Notifications:
             await asyncio.gather(*(s.mux.execute("PSUBSCRIBE" if pattern else "SUBSCRIBE", name)
                                    for s in self._subscribers.values()))
             await self._verify()
+        except ReplyError as exc:
+            await self.remove(name, pattern)
+            if exc.kind != "NOPERM":
+                raise
+            raise FailedPrecondition(
+                f"the Redis user may not {'PSUBSCRIBE' if pattern else 'SUBSCRIBE'} to {name!r}: grant it +@pubsub "
+                f"and the channel permission &{name} (ACL patterns are matched literally for PSUBSCRIBE), or &*"
+            ) from exc
         except BaseException:
             await self.remove(name, pattern)
             raise

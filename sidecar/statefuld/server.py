@@ -202,6 +202,7 @@ class Server:
 
     async def _connect_redis(self) -> None:
         from statefuld.executor import Executor
+        from statefuld.notifications import check_at_start
         from statefuld.rpc import Dispatcher
 
         config = self.config
@@ -226,6 +227,7 @@ class Server:
         transport = self._executor.describe_transport()
         log.info("connected to Redis at %s%s", shown_url, "" if transport == shown_url else f" ({transport})",
                  extra={"event": "redis_connected"})
+        await check_at_start(self._executor.transport)
         dispatcher = Dispatcher(self._executor, config)
         self._holds = dispatcher.holds
         self._calls = calls = Calls(config, dispatcher, RequestMetrics(METHODS))
