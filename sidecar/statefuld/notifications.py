@@ -109,7 +109,12 @@ class _Subscriber:
             try:
                 await self._check_config()
                 for name, pattern in self._owner.wanted():
-                    await self.mux.execute("PSUBSCRIBE" if pattern else "SUBSCRIBE", name)
+                    try:
+                        await self.mux.execute("PSUBSCRIBE" if pattern else "SUBSCRIBE", name)
+                    except ReplyError as exc:
+                        if exc.kind != "NOPERM" or isinstance(exc, Unavailable):
+                            raise
+                        # Not allowed by ACL: the watch call that wants it is told so (add).
             except (Unavailable, ReplyError) as exc:
                 if not self._closed:
                     self._owner.failed(f"{self.endpoint.describe()}: {exc}")
