@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import grp
@@ -102,6 +103,7 @@ class Server:
         self._connections: Connections | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._trimmer: asyncio.Task[None] | None = None
         self._redis_watch: RedisWatch | None = None
         self._redis_watch_task: asyncio.Task[None] | None = None
         self._metrics_listener: MetricsListener | None = None
@@ -177,6 +179,7 @@ class Server:
         if interval_s is not None:
             self._watchdog = asyncio.create_task(_watchdog(interval_s))
         self._redis_watch_task = asyncio.create_task(self._redis_watch.run())
+        self._trimmer = asyncio.create_task(_return_freed_memory(connections))
 
         assert self._stop_requested is not None
         await self._stop_requested.wait()
@@ -346,7 +349,7 @@ class Server:
             await self._holds.stop()
         if self._dispatcher is not None:
             await self._dispatcher.watches.close()
-        for task in (self._watchdog, self._redis_watch_task):
+        for task in (self._watchdog, self._redis_watch_task, self._trimmer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -370,6 +373,27 @@ class Server:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+# How often the daemon checks whether connections went since it last gave freed memory back.
+_TRIM_INTERVAL_S = 1.0
+
+
+async def _return_freed_memory(connections: Connections) -> None:
+    """After connections go, hand the memory they freed back to the system (glibc's malloc_trim):
+    glibc keeps freed pages for reuse, so without it RSS stays at its peak after a burst of
+    clients. Once a second at most, and only after a connection closed."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return
+    gone = 0
+    while True:
+        await asyncio.sleep(_TRIM_INTERVAL_S)
+        now_gone = connections.accepted - len(connections.open)
+        if now_gone != gone:
+            gone = now_gone
+            trim(0)
 
 
 async def _watchdog(interval_s: float) -> None:
