@@ -274,6 +274,29 @@ def test_a_forked_child_does_not_inherit_the_hold(tmp_daemon: DaemonFactory, red
     asyncio.run(scenario())
 
 
+def test_a_forked_child_does_not_inherit_a_blocking_hold(tmp_daemon: DaemonFactory, redis_server: RedisServer,
+                                                         redis_db: redis.Redis) -> None:
+    daemon = tmp_daemon(redis_server.url, args=["--heartbeat-ms", "100"]).start()
+    with Client(daemon.socket_path) as client:
+        hold = client.hold_pod(NS, SVC, 2, "Ready", 0)
+        pid = os.fork()
+        if pid == 0:  # the child: the thread that holds is the parent's; nothing here releases it
+            code = 1
+            try:
+                hold.update(load=5)
+            except StatefuldError:
+                hold.close()
+                code = 0
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        stamp = report(redis_db, 2)[1]
+        wait_for(lambda: report(redis_db, 2)[1] > stamp, timeout_s=2, what="a heartbeat after the child left")
+        assert redis_db.hget(STATES, "2") == "Ready" and report(redis_db, 2)[0] == 0
+        hold.close()
+    wait_for(lambda: redis_db.hget(STATES, "2") == "Down", timeout_s=2, what="Down once the parent releases it")
+
+
 def test_held_pods_are_bounded(tmp_daemon: DaemonFactory, redis_server: RedisServer, redis_db: redis.Redis) -> None:
     daemon = tmp_daemon(redis_server.url, args=["--max-held-pods", "2"]).start()
     client = Client(daemon.socket_path)
