@@ -141,6 +141,9 @@ class _Subscriber:
 
     async def close(self) -> None:
         self._closed = True
+        if not self.ready.done():  # a watch call waiting on it hears so, rather than its deadline
+            self.ready.set_exception(Unavailable(f"the subscription to {self.endpoint.describe()} was closed"))
+            self.ready.exception()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -163,6 +166,7 @@ class Notifications:
         self._topology = -1
         self._follow: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()
         self._probe: tuple[str, set[bytes], asyncio.Event] | None = None
         self.verified = False  # notifications seen to arrive (CONFIG said so, or the probe saw them)
         self.problem: str | None = None
@@ -187,6 +191,16 @@ class Notifications:
     async def add(self, name: str, pattern: bool) -> None:
         """Subscribe on every primary; returns once every one confirmed (the watch call's answer
         waits for it). Raises FailedPrecondition when notifications cannot be had."""
+        # One change of the subscriptions at a time: a close that went on while another watch
+        # subscribed would leave that watch answered with no subscription under it.
+        async with self._lock:
+            await self._add(name, pattern)
+
+    async def remove(self, name: str, pattern: bool) -> None:
+        async with self._lock:
+            await self._remove(name, pattern)
+
+    async def _add(self, name: str, pattern: bool) -> None:
         table = self._patterns if pattern else self._channels
         table[name] = table.get(name, 0) + 1
         if table[name] > 1:
@@ -199,7 +213,7 @@ class Notifications:
                                    for s in self._subscribers.values()))
             await self._verify()
         except ReplyError as exc:
-            await self.remove(name, pattern)
+            await self._remove(name, pattern)
             if exc.kind != "NOPERM":
                 raise
             raise FailedPrecondition(
@@ -207,10 +221,10 @@ class Notifications:
                 f"and the channel permission &{name} (ACL patterns are matched literally for PSUBSCRIBE), or &*"
             ) from exc
         except BaseException:
-            await self.remove(name, pattern)
+            await self._remove(name, pattern)
             raise
 
-    async def remove(self, name: str, pattern: bool) -> None:
+    async def _remove(self, name: str, pattern: bool) -> None:
         table = self._patterns if pattern else self._channels
         left = table.get(name, 0) - 1
         if left > 0:
@@ -218,7 +232,7 @@ class Notifications:
             return
         table.pop(name, None)
         if not self._channels and not self._patterns:
-            await self.close()  # nothing needed: no connection kept either
+            await self._close()  # nothing needed: no connection kept either
             return
         for subscriber in list(self._subscribers.values()):
             if subscriber.ready.done():
@@ -342,11 +356,15 @@ class Notifications:
         self._on_gap()
 
     async def close(self) -> None:
+        async with self._lock:
+            await self._close()
+
+    async def _close(self) -> None:
         follow, self._follow = self._follow, None
+        subscribers, self._subscribers = list(self._subscribers.values()), {}
+        self._topology = -1
         if follow is not None:
             follow.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follow
-        subscribers, self._subscribers = list(self._subscribers.values()), {}
-        self._topology = -1
         await asyncio.gather(*(s.close() for s in subscribers))
