@@ -18,7 +18,7 @@ from typing import Any
 
 from statefuld.config import Config
 from statefuld.errors import InvalidArgument
-from statefuld.executor import Keys, PodRules, parse_pod_id, parse_report, pod_states
+from statefuld.executor import Keys, PodRules, parse_pod_id, parse_report, read_pods
 from statefuld.notifications import PROBE_MARK
 from statefuld.redis_mux import ReplyError
 from statefuld.rpc import check_name, check_uid
@@ -261,25 +261,14 @@ class Audit:
     async def _judge_pods_with_users(self) -> None:
         services = sorted({(ns, service) for ns, service, _ in self._users})
         for ns, service in services:
-            state_key, load_key = self._keys.service_state(ns, service), self._keys.pod_load(ns, service)
             try:
-                flat_states, flat_loads, now = await asyncio.gather(
-                    self._redis.execute(state_key, "HGETALL", state_key),
-                    self._redis.execute(state_key, "HGETALL", load_key),
-                    self._redis.execute(state_key, "TIME"))
+                pods = await read_pods(self._redis, self._keys, ns, service)
             except ReplyError:
                 continue  # a state or load key of another type: already a wrong_type finding
-            now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
-            states = pod_states(flat_states)
-            reports: dict[int, tuple[int, int]] = {}
-            for i in range(0, len(flat_loads), 2):
-                pod, report = parse_pod_id(flat_loads[i]), parse_report(flat_loads[i + 1])
-                if pod is not None and report is not None:
-                    reports[pod] = report
             for (u_ns, u_service, pod), users in sorted(self._users.items()):
                 if (u_ns, u_service) != (ns, service):
                     continue
-                verdict = self._rules.judge(pod, states.get(pod), reports.get(pod), now_ms)
+                verdict = self._rules.judge(pod, pods.states.get(pod), pods.reports.get(pod), pods.now_ms)
                 if verdict["status"] == "gone":
                     self.report.add("gone_pod_with_users",
                                     f"{ns}/{service} pod {pod}: {users} users linked, {verdict['why']}")

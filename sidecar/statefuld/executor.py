@@ -464,20 +464,33 @@ class Executor:
 
     async def describe_pods(self, ns: str, service: str) -> list[dict[str, Any]]:
         """Every pod of the service as route_user judges it, for an operator (`statefuld pods`)."""
-        state_key, load_key = self.keys.service_state(ns, service), self.keys.pod_load(ns, service)
-        flat_states, flat_loads, now = await asyncio.gather(
-            self._redis.execute(state_key, "HGETALL", state_key),
-            self._redis.execute(state_key, "HGETALL", load_key),
-            self._redis.execute(state_key, "TIME"))
-        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
-        states = pod_states(flat_states)
-        reports: dict[int, tuple[int, int]] = {}
-        for i in range(0, len(flat_loads), 2):
-            pod, report = parse_pod_id(flat_loads[i]), parse_report(flat_loads[i + 1])
-            if pod is not None and report is not None:
-                reports[pod] = report
-        return [self.rules.judge(pod, states.get(pod), reports.get(pod), now_ms)
-                for pod in sorted(states.keys() | reports.keys())]
+        pods = await read_pods(self._redis, self.keys, ns, service)
+        return [self.rules.judge(pod, pods.states.get(pod), pods.reports.get(pod), pods.now_ms)
+                for pod in sorted(pods.states.keys() | pods.reports.keys())]
+
+
+@dataclass(frozen=True)
+class Pods:
+    """A service's pods as Redis holds them: states, readable load reports (load, unix ms), and
+    Redis's clock when they were read."""
+
+    states: dict[int, str]
+    reports: dict[int, tuple[int, int]]
+    now_ms: int
+
+
+async def read_pods(redis: Transport, keys: Keys, ns: str, service: str) -> Pods:
+    state_key, load_key = keys.service_state(ns, service), keys.pod_load(ns, service)
+    flat_states, flat_loads, now = await asyncio.gather(
+        redis.execute(state_key, "HGETALL", state_key),
+        redis.execute(state_key, "HGETALL", load_key),
+        redis.execute(state_key, "TIME"))
+    reports: dict[int, tuple[int, int]] = {}
+    for i in range(0, len(flat_loads), 2):
+        pod, report = parse_pod_id(flat_loads[i]), parse_report(flat_loads[i + 1])
+        if pod is not None and report is not None:
+            reports[pod] = report
+    return Pods(pod_states(flat_states), reports, int(now[0]) * 1000 + int(now[1]) // 1000)
 
 
 @dataclass(frozen=True)
