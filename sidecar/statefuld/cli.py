@@ -130,17 +130,21 @@ def serve(**options: Any) -> None:
     if unknown is not None:
         click.echo(f"statefuld: {unknown}", err=True)
         sys.exit(EXIT_USAGE)
-    given = {name: value for name, value in options.items() if value is not None}
-    try:
-        config = Config(**given).with_secrets_from_environment()
-    except ValueError as exc:
-        click.echo(f"statefuld: invalid configuration: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except OSError as exc:
-        click.echo(f"statefuld: cannot read the Redis password file: {exc.strerror}", err=True)
-        sys.exit(EXIT_CONFIG)
+    config = _config_or_exit({name: value for name, value in options.items() if value is not None}, "statefuld")
     configure_logging(config.log_level, config.log_format)
     sys.exit(server.run(config))
+
+
+def _config_or_exit(given: dict[str, Any], who: str) -> Config:
+    """The configuration the options give, with the password read; else exit with a one-line reason."""
+    try:
+        return Config(**given).with_secrets_from_environment()
+    except ValueError as exc:
+        click.echo(f"{who}: invalid configuration: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except OSError as exc:
+        click.echo(f"{who}: cannot read the Redis password file: {exc.strerror}", err=True)
+        sys.exit(EXIT_CONFIG)
 
 
 def _client_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -323,14 +327,7 @@ def audit(as_json: bool, examples: int, max_keys_per_s: float, scan_count: int, 
     if not given.get("redis_url"):
         click.echo("statefuld: audit: name the Redis to read with --redis-url (or STATEFULD_REDIS_URL)", err=True)
         sys.exit(EXIT_USAGE)
-    try:
-        config = Config(**given).with_secrets_from_environment()
-    except ValueError as exc:
-        click.echo(f"statefuld: audit: invalid configuration: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except OSError as exc:
-        click.echo(f"statefuld: audit: cannot read the Redis password file: {exc.strerror}", err=True)
-        sys.exit(EXIT_CONFIG)
+    config = _config_or_exit(given, "statefuld: audit")
     where = redact_url(config.redis_url or "")
     try:
         report = asyncio.run(run_audit(config, examples=examples, max_keys_per_s=max_keys_per_s,
