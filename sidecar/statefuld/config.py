@@ -107,8 +107,8 @@ class Config:
         1000, "How often the load report of a held pod is refreshed; must be below --load-stale-ms.", min=1
     )
     alive_cache_ms: int = _option(
-        100, "How long route_user takes a pod it found alive as alive without reading it again (0: read every "
-        "time); bounds how late a user sees their pod gone.", min=0, max=10_000
+        0, "How long route_user takes a pod it found alive as alive without reading it again (0: read every "
+        "time, as the contract says); a pod gone meanwhile keeps its users that much longer.", min=0, max=10_000
     )
     watch_queue_events: int = _option(
         10_000, "Events one watch may have waiting for a connection that does not read; past it they are "

@@ -27,9 +27,6 @@ log = logging.getLogger("statefuld.executor")
 HEALTH_TIMEOUT_S = 1.0
 MAX_POD_ID = 2**31 - 1
 ROUTE_OUTCOMES = ("kept", "placed", "moved", "none")
-# route_user routes again when the link it read was removed before it could replace it; a link
-# that keeps changing under it this often is answered UNAVAILABLE rather than chased forever.
-_ROUTE_ATTEMPTS = 8
 # Pods route_user found alive, remembered for --alive-cache-ms; bounded: cleared when full.
 _ALIVE_CACHED = 4096
 
@@ -400,8 +397,8 @@ class Executor:
         was read (user's slot, replace_linked_pod). The compare-and-set is what makes concurrent
         callers agree: one of them writes, the others read back what it wrote.
 
-        A link to a pod judged alive within --alive-cache-ms is answered inside the read, with no
-        coroutine: the common case costs little more than get_linked_pod (docs/BENCHMARKS.md).
+        Each step's decoder hands over to the next (``Then``), so a user who stays costs two
+        commands and no coroutine; only a write (placing, moving) runs one.
         """
         link_key = self.keys.link(ns, uid, service)
 
@@ -409,33 +406,37 @@ class Executor:
             linked = _pod_id(raw)
             if linked is not None and self._alive.get((ns, service, linked), 0.0) > time.monotonic():
                 return self._routed("kept", linked, linked)
-            return Then(self._route(ns, uid, service, persist_seconds, raw))
+            return Then(self._judge_and_pick(ns, uid, service, persist_seconds, raw, linked))
 
         return self._redis.execute(link_key, "GET", link_key, decode=decide)
 
-    async def _route(self, ns: str, uid: str, service: str, persist_seconds: int, raw: bytes | None) -> dict[str, Any]:
-        hash_key, link_key = self._link_keys(ns, uid, service)
-        state_key, load_key = self.keys.service_state(ns, service), self.keys.pod_load(ns, service)
-        for _ in range(_ROUTE_ATTEMPTS):
-            linked = _pod_id(raw)
-            verdict = await self._script(
-                "pick_pod", (state_key, load_key), b"" if linked is None else b"%d" % linked,
-                self._load_stale_ms, self._gone_after_ms, random.random(), random.random(), *self._judge_args)
+    def _judge_and_pick(self, ns: str, uid: str, service: str, persist_seconds: int, raw: bytes | None,
+                        linked: int | None) -> Awaitable[dict[str, Any]]:
+        def judged(verdict: Any) -> dict[str, Any] | Then:
             if verdict == 0:
                 self._remember_alive(ns, service, linked)
                 return self._routed("kept", linked, linked)
             if verdict is None:
                 return self._routed("none", None, linked)
-            written, current = await self._script(
-                "replace_linked_pod", (hash_key, link_key), service, raw or b"", verdict, persist_seconds)
-            if written:
-                return self._routed("placed" if linked is None else "moved", int(verdict), linked)
-            if current is not None:  # another caller linked the user meanwhile: that link wins
-                now = _held_pod_id(current)
-                return self._routed("kept", now, now)
-            # The link was removed meanwhile: route the user again, as one with no link.
-            raw = await self._redis.execute(link_key, "GET", link_key)
-        raise Unavailable(f"the user's link changed under {_ROUTE_ATTEMPTS} routings in a row; retry")
+            return Then(self._relink(ns, uid, service, persist_seconds, raw, linked, int(verdict)))
+
+        return self._script(
+            "pick_pod", (self.keys.service_state(ns, service), self.keys.pod_load(ns, service)),
+            b"" if linked is None else b"%d" % linked, self._load_stale_ms, self._gone_after_ms, random.random(),
+            random.random(), *self._judge_args, decode=judged)
+
+    async def _relink(self, ns: str, uid: str, service: str, persist_seconds: int, raw: bytes | None,
+                      linked: int | None, picked: int) -> dict[str, Any]:
+        written, current = await self._script(
+            "replace_linked_pod", self._link_keys(ns, uid, service), service, raw or b"", picked, persist_seconds)
+        if written:
+            return self._routed("placed" if linked is None else "moved", picked, linked)
+        if current is not None:  # another caller linked the user meanwhile: that link wins
+            now = _held_pod_id(current)
+            return self._routed("kept", now, now)
+        # The link was removed meanwhile: route the user again, as one with no link (that
+        # compare-and-set expects no link, so it writes or finds another caller's: no third turn).
+        return await self._judge_and_pick(ns, uid, service, persist_seconds, None, None)
 
     def _remember_alive(self, ns: str, service: str, pod: int | None) -> None:
         if not self._alive_cache_s or pod is None:
