@@ -369,3 +369,21 @@ def test_refused_peers_are_counted(redis_server: RedisServer) -> None:
     assert increments(before, after) == {"statefuld_connections_refused_total": 1}
     accepted = "statefuld_connections_accepted_total"
     assert value(after, accepted) - value(before, accepted) == 1
+
+
+def test_liveness_and_watch_metrics(metrics_daemon: tuple[Daemon, int]) -> None:
+    daemon, port = metrics_daemon
+    with Client(daemon.socket_path, timeout_s=5) as client, client.hold_pod("obs", "svc", 1, "Ready", 0), \
+            client.watch_service("obs", "svc") as events:
+        assert next(events)["kind"] == "snapshot"
+        assert client.route_user("obs", "alice", "svc", -1)["outcome"] == "placed"
+        client.set_service_state("obs", "svc", 1, "Draining")
+        assert next(events) == {"kind": "pod", "pod_id": 1, "state": "Draining"}
+        got = samples(scrape(port))
+    assert value(got, "statefuld_held_pods") == 1
+    assert value(got, "statefuld_routes_total", outcome="placed") >= 1
+    assert value(got, "statefuld_watches_open") == 1
+    assert value(got, "statefuld_watch_events_total") >= 1
+    assert value(got, "statefuld_watch_event_delay_seconds_count") >= 1
+    assert 0 < value(got, "statefuld_watch_event_delay_seconds_sum") < 1.0
+    assert value(got, "statefuld_watch_gaps_total", cause="slow_reader") == 0

@@ -222,6 +222,7 @@ class Observer:
                 "read_failures": self._watches.read_failures,
                 "subscription_reconnects": self._watches.notifications.reconnects,
                 "delay_buckets": list(self._watches.delay_buckets),
+                "delay_sum_ms": self._watches.delay_sum_s * 1000,
                 "delay_p50_ms": quantile_ms(self._watches.delay_buckets, 0.50),
                 "delay_p99_ms": quantile_ms(self._watches.delay_buckets, 0.99),
             },
@@ -282,11 +283,7 @@ def families(snap: dict[str, Any]) -> list[Any]:
         requests.add_metric((method, "OK"), m["count"] - sum(errors.values()))
         for code in CODES[1:]:
             requests.add_metric((method, code), errors.get(code, 0))
-        cumulative, running = [], 0
-        for le, n in zip(bounds, m["latency_buckets"], strict=True):
-            running += n
-            cumulative.append((le, running))
-        duration.add_metric((method,), cumulative, m["latency_sum_ms"] / 1000)
+        duration.add_metric((method,), _cumulative(bounds, m["latency_buckets"]), m["latency_sum_ms"] / 1000)
     result: list[Any] = [requests, duration]
 
     def gauge(name: str, doc: str, value: float) -> None:
@@ -336,17 +333,22 @@ def families(snap: dict[str, Any]) -> list[Any]:
             watch["subscription_reconnects"])
     delay = HistogramMetricFamily("statefuld_watch_event_delay_seconds",
                                   "From a keyspace notification's arrival to its event's send.")
-    cumulative, running = [], 0
-    for le, n in zip(bounds, watch["delay_buckets"], strict=True):
-        running += n
-        cumulative.append((le, running))
-    delay.add_metric((), cumulative, 0.0)
+    delay.add_metric((), _cumulative(bounds, watch["delay_buckets"]), watch["delay_sum_ms"] / 1000)
     result.append(delay)
     gauge("statefuld_start_time_seconds", "Start time of the daemon, seconds since the epoch.", snap["start_time_s"])
     info = GaugeMetricFamily("statefuld_build_info", "The daemon's version (value 1).", labels=("version",))
     info.add_metric((snap["version"],), 1)
     result.append(info)
     return result
+
+
+def _cumulative(bounds: list[str], buckets: list[int]) -> list[tuple[str, int]]:
+    """Per-bucket counts as Prometheus wants them: (le, observations at most that)."""
+    cumulative, running = [], 0
+    for le, n in zip(bounds, buckets, strict=True):
+        running += n
+        cumulative.append((le, running))
+    return cumulative
 
 
 def _le(bound: float) -> str:

@@ -298,6 +298,7 @@ class Watches:
         self.read_failures = 0
         self.gaps = {"slow_reader": 0, "resubscribe": 0}
         self.delay_buckets = [0] * (len(BOUNDS_S) + 1)
+        self.delay_sum_s = 0.0
 
     # --- the methods -----------------------------------------------------------------------------
 
@@ -430,7 +431,9 @@ class Watches:
 
     def sent(self, received_at: float) -> None:
         self.events_sent += 1
-        self.delay_buckets[bisect_left(BOUNDS_S, time.monotonic() - received_at)] += 1
+        delay_s = time.monotonic() - received_at
+        self.delay_buckets[bisect_left(BOUNDS_S, delay_s)] += 1
+        self.delay_sum_s += delay_s
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
